@@ -1,0 +1,102 @@
+"""flare's additions to torchtitan 0.2.2's JobConfig.
+
+This file has the shape of a torchtitan ``custom_config_module``: a ``JobConfig`` dataclass whose
+sections are merged into torchtitan's (fields of the same section are added, same-named fields
+override the default). ``recipe.config.parse_job_config`` always merges it, so users get these
+keys without passing ``--job.custom_config_module``; they may still pass one of their own.
+"""
+
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Model:
+    config: str = "configs/gla_debug.json"
+    """HF config JSON (with `model_type`, flame's format) or an HF model folder holding config.json."""
+
+    tokenizer: str = "bytes"
+    """Tokenizer: "bytes" (built-in byte-level, offline) or a local HF tokenizer folder/tokenizer.json."""
+
+    init_from_hf: str | None = None
+    """HF model folder (safetensors) whose weights initialize the model, for fine-tuning/RL starts.
+    Used only when no checkpoint exists yet in the dump folder."""
+
+    name: str = "fla"
+    """Free-form label for logs; the architecture comes from `model.config`."""
+
+
+@dataclass
+class Training:
+    dataset: str = "synthetic"
+    """Comma-separated datasets: "synthetic" (built-in, offline), a local folder or file
+    (json/jsonl/parquet/txt/arrow) or an HF hub name. Several entries are mixed by `data_probs`."""
+
+    dataset_name: str | None = None
+    """Comma-separated HF dataset config names, one per dataset (empty entries allowed)."""
+
+    dataset_split: str = "train"
+    """Comma-separated splits, one per dataset (or one for all)."""
+
+    data_dir: str | None = None
+    """Comma-separated `data_dir` arguments for `datasets.load_dataset`, one per dataset."""
+
+    data_files: str | None = None
+    """Comma-separated `data_files` arguments for `datasets.load_dataset`, one per dataset."""
+
+    data_probs: str | None = None
+    """Comma-separated sampling probabilities for mixing several datasets (default: uniform)."""
+
+    streaming: bool = False
+    """Stream datasets instead of downloading/materializing them."""
+
+    text_column: str = "text"
+    """Column holding raw text. A dataset with an `input_ids` column is used without tokenizing."""
+
+    varlen: bool = False
+    """Pack the batch into one row with `cu_seqlens` so documents do not attend across boundaries."""
+
+    context_len: int | None = None
+    """With varlen: split documents longer than this many tokens (default: seq_len)."""
+
+    data_seed: int = 42
+    """Seed for dataset shuffling and mixing (independent of the model seed)."""
+
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step. Default: derived from global_batch_size."""
+
+    skip_nan_inf: bool = True
+    """Skip the optimizer step when the loss or grad norm is NaN/Inf (counted and logged)."""
+
+    max_consecutive_skips: int = 20
+    """Stop the run after this many consecutive skipped steps (0 disables the limit)."""
+
+
+
+@dataclass
+class Checkpoint:
+    last_save_model_only: bool = False
+    """torchtitan defaults to a weights-only final checkpoint, which cannot be resumed or extended;
+    flare keeps the full state. Set true for a smaller export."""
+
+
+@dataclass
+class Hooks:
+    post_step: list[str] = field(default_factory=list)
+    """Dotted paths ("pkg.module:Name" or "pkg.module.Name") of post-step hooks, run in order
+    after every optimizer step. A class is constructed with the JobConfig; a function is called."""
+
+
+@dataclass
+class Debug:
+    traceback: bool = False
+    """Show full tracebacks for configuration and input errors (default: one line)."""
+
+
+@dataclass
+class JobConfig:
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    hooks: Hooks = field(default_factory=Hooks)
+    debug: Debug = field(default_factory=Debug)

@@ -389,6 +389,11 @@ def validate(config, world_size: int) -> None:
             "(the newest checkpoint may be the one being written)"
         )
 
+    if config.optimizer.name not in ("Adam", "AdamW"):
+        raise ConfigError(f"optimizer.name={config.optimizer.name!r}: torchtitan builds 'Adam' or 'AdamW'")
+    if config.lr_scheduler.warmup_steps < 0:
+        raise ConfigError(f"lr_scheduler.warmup_steps={config.lr_scheduler.warmup_steps}: must be >= 0")
+
     for key, what in _UNSUPPORTED_DEGREES.items():
         if getattr(p, key) != 1:
             raise ConfigError(f"parallelism.{key}={getattr(p, key)}: {what} is not supported by flare; set it to 1")

@@ -451,10 +451,11 @@ def validate(config, world_size: int) -> None:
         )
     if config.model.init_from_hf and not os.path.isdir(config.model.init_from_hf):
         raise ConfigError(f"model.init_from_hf: no such folder '{config.model.init_from_hf}'")
-    if config.model.tokenizer != "bytes" and not os.path.exists(config.model.tokenizer):
+    tok = config.model.tokenizer
+    if tok.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(tok)):
         raise ConfigError(
-            f"model.tokenizer: no such file or folder '{config.model.tokenizer}'; use \"bytes\" for the "
-            "built-in byte tokenizer or a local HF tokenizer folder"
+            f"model.tokenizer: no such file or folder '{tok}'; use \"bytes\" for the built-in byte "
+            "tokenizer, a local HF tokenizer folder or a hub name"
         )
     if c.initial_load_path and not os.path.isdir(c.initial_load_path):
         raise ConfigError(f"checkpoint.initial_load_path: no such folder '{c.initial_load_path}'")

@@ -120,12 +120,30 @@ def _patch_interpreter_language_once_per_grid() -> None:
     interpreter.GridExecutor.__call__ = grid_call_tracking
 
 
+class _CpuDeviceModule:
+    """``torch.cpu`` plus the CUDA-module calls torchtitan makes unconditionally."""
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch.cpu, name)
+
+    @staticmethod
+    def current_device() -> int:
+        return 0  # torchtitan passes it as `device_ids` to barriers; gloo ignores it
+
+    @staticmethod
+    def set_device(device) -> None:
+        pass
+
+
+cpu_device_module = _CpuDeviceModule()
+
+
 def _point_torchtitan_at_cpu() -> None:
     """Replace the "cuda" fallback in torchtitan.tools.utils and in every torchtitan module that
     copied it at import (and import those that will, so later importers see "cpu")."""
     import importlib
-
-    import torch
 
     utils = importlib.import_module("torchtitan.tools.utils")
     stale_type, stale_module = utils.device_type, utils.device_module
@@ -143,4 +161,4 @@ def _point_torchtitan_at_cpu() -> None:
         if getattr(module, "device_type", None) == stale_type:
             module.device_type = "cpu"
         if getattr(module, "device_module", None) is stale_module:
-            module.device_module = torch.cpu
+            module.device_module = cpu_device_module

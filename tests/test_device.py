@@ -20,7 +20,10 @@ def test_cpu_is_selected_and_torchtitan_follows():
 
     for module in (utils, parallel_dims, dist_utils, metrics):
         assert module.device_type == "cpu", module.__name__
-    assert utils.device_module is torch.cpu and dist_utils.device_module is torch.cpu
+    from recipe.device import cpu_device_module
+
+    assert utils.device_module is cpu_device_module and dist_utils.device_module is cpu_device_module
+    assert cpu_device_module.synchronize is torch.cpu.synchronize
     assert configure_device() == "cpu"  # idempotent
 
 

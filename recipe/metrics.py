@@ -1,0 +1,116 @@
+"""Per-step metrics: console line, TensorBoard/W&B (torchtitan's loggers) and ``metrics.jsonl``.
+
+``<dump_folder>/metrics.jsonl`` gets one JSON object per logged step (rank 0 writes it, a
+resumed run appends). Keys always present: step, loss, grad_norm, lr, tps, mfu, memory_gib; also
+loss_max, tflops, tokens_seen, skipped_steps, step_time_s, data_wait_s, eta_s, time.
+``tps`` is tokens/s per device; ``mfu`` is in percent, from ``recipe.flops`` and the device's
+bf16 dense peak, and null where that peak is unknown (CPU). ``memory_gib`` is the peak since the
+previous log: CUDA reserved memory, or the process's peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from torchtitan.components.metrics import _build_metric_logger
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryMonitor:
+    """Peak memory of this rank's device (CUDA) or process (CPU), in GiB."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def peak_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_reserved(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class MetricsProcessor:
+    """Accumulates throughput counters between log steps and writes every sink."""
+
+    def __init__(self, job_config, parallel_dims, device: torch.device, flops_per_token: float, peak_flops: float | None):
+        self.job_config = job_config
+        self.parallel_dims = parallel_dims
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.memory = MemoryMonitor(device)
+        self.sink = _build_metric_logger(job_config, parallel_dims)  # TensorBoard / W&B / nothing
+        self.is_writer = not dist.is_initialized() or dist.get_rank() == 0
+        self.jsonl_path = os.path.join(job_config.job.dump_folder, "metrics.jsonl")
+        self.ntokens_since_last_log = 0
+        self.data_wait_s = 0.0
+        self.steps_since_last_log = 0
+        self.time_last_log = time.perf_counter()
+
+    def should_log(self, step: int) -> bool:
+        return step == 1 or step % self.job_config.metrics.log_freq == 0
+
+    def log(self, step: int, loss: float, loss_max: float, grad_norm: float, lr: float, extra: dict) -> dict:
+        elapsed = time.perf_counter() - self.time_last_log
+        steps = max(self.steps_since_last_log, 1)
+        # Ranks of one TP group see the same tokens: count them once per model replica.
+        tps = self.ntokens_since_last_log / (elapsed * self.parallel_dims.non_data_parallel_size)
+        tflops = self.flops_per_token * tps / 1e12
+        mfu = 100 * self.flops_per_token * tps / self.peak_flops if self.peak_flops else None
+        step_time = elapsed / steps
+        remaining = self.job_config.training.steps - step
+        record = {
+            "step": step,
+            "loss": loss,
+            "loss_max": loss_max,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tps": tps,
+            "tflops": tflops,
+            "mfu": mfu,
+            "memory_gib": self.memory.peak_gib(),
+            "step_time_s": step_time,
+            "data_wait_s": self.data_wait_s / steps,
+            "eta_s": remaining * step_time,
+            **extra,
+            "time": time.time(),
+        }
+        self.sink.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step)
+        if self.is_writer:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(_json_safe(record)) + "\n")
+        mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
+        logger.info(
+            f"step {step:>6}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.2e}  "
+            f"tps {tps:,.0f}  tflops {tflops:.2f}  mfu {mfu_text}  mem {record['memory_gib']:.2f}GiB  "
+            f"eta {_hms(record['eta_s'])}"
+        )
+        self.ntokens_since_last_log = 0
+        self.data_wait_s = 0.0
+        self.steps_since_last_log = 0
+        self.time_last_log = time.perf_counter()
+        self.memory.reset()
+        return record
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def _json_safe(record: dict) -> dict:
+    # JSON has no NaN/Infinity: write them as strings so every line stays parseable.
+    return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

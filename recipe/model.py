@@ -1,0 +1,137 @@
+"""Model building: HF/fla config JSON → causal LM on the meta device → (parallelize) → init.
+
+Any model ``AutoModelForCausalLM`` knows works: importing fla registers its families; custom
+families are registered by a module named in ``experimental.custom_import``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from torch import nn
+
+from recipe.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Config flags of fla's fused loss kernels; they run on CUDA (and NPU/XPU) tensors only.
+_CUDA_ONLY_FUSED_LOSSES = ("fuse_cross_entropy", "fuse_linear_cross_entropy")
+
+
+def load_model_config(path: str):
+    """An HF ``PretrainedConfig`` from a config JSON (flame's format) or an HF model folder."""
+    import fla  # noqa: F401  (registers fla's model types with transformers' Auto classes)
+    from transformers import AutoConfig
+
+    if os.path.isdir(path):
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"model.config: cannot load an HF config from folder '{path}': {e}") from None
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"model.config: cannot read '{path}' as JSON: {e}") from None
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise UserError(f"model.config: '{path}' has no \"model_type\" key (e.g. \"gla\", \"llama\")")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError as e:
+        raise UserError(
+            f"model.config: unknown model_type '{model_type}' in '{path}' ({e}); register custom "
+            "models through experimental.custom_import"
+        ) from None
+
+
+def reconcile_with_tokenizer(config, tokenizer) -> None:
+    """Make the embedding table cover the tokenizer and record its special token ids."""
+    n_tokens = len(tokenizer)
+    if config.vocab_size < n_tokens:
+        logger.info(f"Growing vocab_size {config.vocab_size} -> {n_tokens} to cover the tokenizer")
+        config.vocab_size = n_tokens
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            setattr(config, name, token_id)
+
+
+def disable_unsupported_fused_kernels(config, device_type: str) -> None:
+    """Switch off fla kernels that cannot run on this device, saying so."""
+    if device_type == "cuda":
+        return
+    for flag in _CUDA_ONLY_FUSED_LOSSES:
+        if getattr(config, flag, False):
+            logger.info(f"{flag}=False: fla's fused loss kernels need CUDA; using torch cross entropy on {device_type}")
+            setattr(config, flag, False)
+
+
+def uses_fla(config) -> bool:
+    """True for models implemented by fla (they accept `cu_seqlens` for varlen batches)."""
+    from transformers import AutoModelForCausalLM
+
+    model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return model_cls is not None and model_cls.__module__.startswith("fla.")
+
+
+def build_model_on_meta(config) -> nn.Module:
+    """The model with meta tensors: no memory is used until it is parallelized and materialized."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    # Tied parameters are one Parameter object: count each once.
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module) -> None:
+    """Initialize a materialized (``to_empty``) model with its own HF/fla init scheme.
+
+    Works on DTensor-sharded parameters as well. Non-persistent buffers (RoPE frequencies)
+    are recomputed too: ``to_empty`` leaves them uninitialized.
+    """
+    for module in model.modules():
+        if hasattr(module, "_is_hf_initialized"):
+            del module._is_hf_initialized
+    if hasattr(model, "initialize_weights"):
+        model.initialize_weights()
+    else:
+        model.apply(model._init_weights)
+
+
+def load_hf_weights(model: nn.Module, folder: str) -> None:
+    """Load an HF checkpoint folder (safetensors) into a materialized, possibly sharded model.
+
+    Every rank reads the full tensors and keeps its shard (``set_model_state_dict`` with
+    ``full_state_dict``), so it works for any parallel layout.
+    """
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"model.init_from_hf: no *.safetensors files in '{folder}'")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(state))
+    # Tied lm_head weights are stored once (as the embedding) by HF.
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [k for k in missing if not k.startswith("lm_head.")]
+    if missing:
+        raise UserError(
+            f"model.init_from_hf: '{folder}' lacks {len(missing)} weights of this model, e.g. {missing[:3]}; "
+            "does model.config match the checkpoint?"
+        )
+    state = {k: v for k, v in state.items() if k in expected}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -1,0 +1,350 @@
+"""The training loop: build everything from the JobConfig, then step, checkpoint, log, run hooks.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches on each data-parallel rank.
+Each micro-batch loss is its token-sum divided by the number of valid tokens of the whole step
+(all micro-batches, all DP ranks), and data parallelism sums gradients, so the update equals the
+single-process update on the global batch whatever the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
+from torchtitan.components.checkpoint import AsyncMode
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.protocols.model_converter import build_model_converters
+from torchtitan.tools import utils as titan_utils
+from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+
+from parallelisms import parallelize_fla, prepare_model_config, validate_parallelism
+from recipe import flops as flops_lib
+from recipe.checkpoint import AtomicCheckpointManager
+from recipe.config import data_parallel_degrees, gradient_accumulation_steps
+from recipe.data import build_dataloader
+from recipe.device import configure_device
+from recipe.errors import ConfigError, UserError
+from recipe.hooks import StepState, build_post_step_hooks, close_hooks, run_post_step_hooks
+from recipe.metrics import MetricsProcessor
+from recipe.model import (
+    build_model_on_meta,
+    count_parameters,
+    disable_unsupported_fused_kernels,
+    init_weights,
+    load_hf_weights,
+    load_model_config,
+    reconcile_with_tokenizer,
+    uses_fla,
+)
+from recipe.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class TooManySkippedSteps(UserError):
+    pass
+
+
+class Trainer(Stateful):
+    def __init__(self, job_config):
+        self.job_config = jc = job_config
+        self.device_type = configure_device()
+
+        # Everything that can be checked without devices is checked before the process group.
+        self.tokenizer = build_tokenizer(jc)
+        self.model_config = load_model_config(jc.model.config)
+        reconcile_with_tokenizer(self.model_config, self.tokenizer)
+        if jc.training.varlen and not uses_fla(self.model_config):
+            raise ConfigError(
+                f"training.varlen: model_type '{self.model_config.model_type}' is not an fla model and "
+                "cannot take cu_seqlens; set training.varlen = false"
+            )
+        validate_parallelism(self.model_config, jc)
+
+        self.parallel_dims = pd = self._init_distributed()
+        self.device = self._init_device()
+        if pd.dp_enabled:
+            batch_mesh = pd.get_mesh("batch")
+            dp_degree, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
+        else:
+            dp_degree, dp_rank = 1, 0
+        self.accumulation_steps = gradient_accumulation_steps(jc, dp_degree)
+        self.gc_handler = titan_utils.GarbageCollection(gc_freq=jc.training.gc_freq, debug=jc.training.gc_debug)
+        dist_utils.set_determinism(pd, self.device, jc.debug, distinct_seed_mesh_dims=[])
+
+        self.dataloader = build_dataloader(jc, self.tokenizer, dp_rank=dp_rank, dp_world_size=dp_degree)
+
+        # Model: meta → converters (float8) → parallelize → materialize → init.
+        disable_unsupported_fused_kernels(self.model_config, self.device_type)
+        prepare_model_config(self.model_config, pd, jc)
+        model = build_model_on_meta(self.model_config)
+        self.converters = build_model_converters(jc, pd)
+        self.converters.convert(model)
+        n_params = count_parameters(model)
+        self.flops_per_token = flops_lib.flops_per_token(self.model_config, jc.training.seq_len, model)
+        logger.info(
+            f"Model {self.model_config.model_type}: {n_params:,} parameters, "
+            f"{self.flops_per_token / 1e9:.3f} GFLOP/token (training)"
+        )
+        model = parallelize_fla(model, pd, jc)
+        model.to_empty(device="cpu" if jc.training.enable_cpu_offload else self.device)
+        init_weights(model)
+        model.train()
+        self.model = model
+
+        self.optimizers = build_optimizers([model], jc.optimizer, pd)
+        self.lr_schedulers = build_lr_schedulers(self.optimizers, jc.lr_scheduler, jc.training.steps)
+        self.optimizers.register_step_post_hook(lambda *a, **k: self.converters.post_optimizer_hook([self.model]))
+
+        # Train state saved in checkpoints (see state_dict).
+        self.step = 0
+        self.ntokens_seen = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+        self.checkpointer = AtomicCheckpointManager(
+            dataloader=self.dataloader,
+            model_parts=[model],
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            states={"train_state": self},
+            checkpoint_config=jc.checkpoint,
+            sd_adapter=None,
+            base_folder=jc.job.dump_folder,
+        )
+        self.metrics = MetricsProcessor(
+            jc, pd, self.device, self.flops_per_token, flops_lib.peak_flops(self.device)
+        )
+        self.hooks = build_post_step_hooks(jc)
+        self.train_context = dist_utils.get_train_context(pd.tp_enabled and not jc.parallelism.disable_loss_parallel)
+        self.autocast = self._autocast_context()
+        logger.info(
+            f"local batch {jc.training.local_batch_size} x seq {jc.training.seq_len}, "
+            f"{self.accumulation_steps} micro-batch(es)/step, DP degree {dp_degree}, "
+            f"TP degree {pd.tp}, {jc.training.steps} steps"
+        )
+
+    # ------------------------------------------------------------------ setup
+
+    def _init_distributed(self) -> ParallelDims:
+        jc = self.job_config
+        os.makedirs(jc.job.dump_folder, exist_ok=True)
+        if "RANK" not in os.environ:  # `python train.py`: a process group of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        world_size = dist_utils.init_distributed(jc.comm, base_folder=jc.job.dump_folder)
+        replicate, shard = data_parallel_degrees(jc, world_size)
+        pd = ParallelDims(
+            dp_shard=shard, dp_replicate=replicate, cp=1, tp=jc.parallelism.tensor_parallel_degree,
+            pp=1, ep=1, etp=1, world_size=world_size,
+        )
+        pd.build_mesh()
+        return pd
+
+    def _init_device(self) -> torch.device:
+        if self.device_type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def _autocast_context(self):
+        """FSDP casts parameters itself; every other layout (single device, DDP, TP alone) runs
+        the forward under autocast so `mixed_precision_param` is honoured there too."""
+        dtype = TORCH_DTYPE_MAP[self.job_config.training.mixed_precision_param]
+        if self.parallel_dims.fsdp_enabled or dtype == torch.float32:
+            return contextlib.nullcontext
+        logger.info(f"Mixed precision: autocast to {dtype} (no FSDP)")
+        return lambda: torch.autocast(self.device_type, dtype=dtype)
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> None:
+        jc = self.job_config
+        self.checkpointer.load(step=jc.checkpoint.load_step)
+        if self.step == 0 and jc.model.init_from_hf:
+            logger.info(f"Initial weights from HF folder {jc.model.init_from_hf}")
+            load_hf_weights(self.model, jc.model.init_from_hf)
+        if self.step >= jc.training.steps:
+            logger.info(f"Nothing to do: the checkpoint is at step {self.step} of {jc.training.steps}")
+            return
+        logger.info(f"Training from step {self.step + 1} to {jc.training.steps}")
+
+        profile = maybe_enable_profiling(jc.profiling, global_step=self.step, base_folder=jc.job.dump_folder)
+        snapshot = maybe_enable_memory_snapshot(jc.profiling, global_step=self.step, base_folder=jc.job.dump_folder)
+        with profile as profiler, snapshot as memory_profiler:
+            batches = iter(self.dataloader)
+            while self.step < jc.training.steps:
+                self.step += 1
+                self.gc_handler.run(self.step)
+                micro_batches = self._next_micro_batches(batches)
+                if micro_batches is None:
+                    logger.warning(f"Data exhausted: stopping before step {self.step}")
+                    self.step -= 1
+                    break
+                record = self.train_step(micro_batches)
+                self.checkpointer.save(self.step, last_step=self.step == jc.training.steps)
+                run_post_step_hooks(self.hooks, self._step_state(record))
+                if profiler:
+                    profiler.step()
+                if memory_profiler:
+                    memory_profiler.step()
+                if self.step == 1:  # first step done: compile/autotune is over, fail faster on hangs
+                    dist_utils.set_pg_timeouts(timedelta(seconds=jc.comm.train_timeout_seconds), self.parallel_dims)
+        logger.info(f"Training done at step {self.step}; {self.skipped_steps} step(s) skipped for NaN/Inf")
+
+    def _next_micro_batches(self, batches):
+        micro_batches = []
+        for _ in range(self.accumulation_steps):
+            start = time.perf_counter()
+            try:
+                input_dict, labels = next(batches)
+            except StopIteration:
+                return None
+            self.metrics.data_wait_s += time.perf_counter() - start
+            micro_batches.append((input_dict, labels))
+        return micro_batches
+
+    def train_step(self, micro_batches) -> dict:
+        jc, pd = self.job_config, self.parallel_dims
+        self.optimizers.zero_grad()
+        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+
+        # The model shifts labels by one: the last position of each row has no target.
+        local_valid = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro_batches)
+        global_valid = torch.tensor(local_valid, dtype=torch.float32, device=self.device)
+        if pd.dp_enabled:
+            global_valid = dist_utils.dist_sum(global_valid, pd.get_mesh("batch"))
+
+        losses = []
+        for input_dict, labels in micro_batches:
+            loss = self.forward_backward(input_dict, labels, global_valid)
+            losses.append(loss)
+            n_tokens = labels.numel()
+            self.ntokens_seen += n_tokens
+            self.metrics.ntokens_since_last_log += n_tokens
+        self.metrics.steps_since_last_log += 1
+
+        max_norm = jc.training.max_norm if jc.training.max_norm > 0 else math.inf
+        grad_norm = dist_utils.clip_grad_norm_(list(self.model.parameters()), max_norm, foreach=True)
+        skipped = False
+        if jc.training.skip_nan_inf and not torch.isfinite(grad_norm).item():
+            # grad_norm is reduced over all ranks, so every rank takes the same decision.
+            skipped = True
+            self._skip_step(grad_norm)
+        else:
+            self.consecutive_skips = 0
+            self.checkpointer.maybe_wait_for_staging()
+            self.optimizers.step()
+        self.lr_schedulers.step()
+
+        if not self.metrics.should_log(self.step):
+            return {"skipped": skipped}
+        loss = torch.stack(losses).sum()  # this rank's share of the global mean loss
+        local_mean = loss * global_valid / max(local_valid, 1)
+        if pd.dp_enabled:
+            loss_mesh = pd.get_optional_mesh("loss")
+            global_loss = dist_utils.dist_sum(loss, loss_mesh)
+            loss_max = dist_utils.dist_max(local_mean, loss_mesh)
+            tokens = int(dist_utils.dist_sum(torch.tensor(self.ntokens_seen, device=self.device, dtype=torch.float64), loss_mesh))
+        else:
+            global_loss, loss_max, tokens = loss.item(), local_mean.item(), self.ntokens_seen
+        record = self.metrics.log(
+            self.step, float(global_loss), float(loss_max), float(grad_norm), lr,
+            {"tokens_seen": tokens, "skipped_steps": self.skipped_steps},
+        )
+        record["skipped"] = skipped
+        return record
+
+    def forward_backward(self, input_dict, labels, global_valid) -> torch.Tensor:
+        inputs = input_dict["input"].to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        extra = {k: v.to(self.device) for k, v in input_dict.items() if k != "input"}
+        with self.train_context():
+            with self.autocast():
+                out = self.model(input_ids=inputs, labels=labels, num_items_in_batch=global_valid, **extra)
+            loss = out.loss
+            del out  # free the logits before backward
+            loss.backward()
+        return loss.detach()
+
+    def _skip_step(self, grad_norm) -> None:
+        self.optimizers.zero_grad()
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        logger.warning(
+            f"step {self.step}: grad norm {float(grad_norm)} is not finite; optimizer step skipped "
+            f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)"
+        )
+        limit = self.job_config.training.max_consecutive_skips
+        if limit and self.consecutive_skips >= limit:
+            saved = ""
+            if self.checkpointer.enable:
+                # Skipped steps change no weights: the current state is the last good one.
+                self.consecutive_skips = 0  # a resumed run starts counting afresh
+                self.checkpointer.dcp_save(
+                    self.checkpointer._flattened_model_states_sd(),
+                    self.checkpointer._create_checkpoint_id(self.step),
+                    async_mode=AsyncMode.DISABLED,
+                )
+                saved = f"; the last good state is saved as step-{self.step}"
+            raise TooManySkippedSteps(
+                f"training.max_consecutive_skips={limit}: {limit} consecutive steps had NaN/Inf "
+                f"gradients (up to step {self.step}){saved}. Lower the learning rate or inspect the data, "
+                "then resume"
+            )
+
+    def _step_state(self, record: dict) -> StepState:
+        return StepState(
+            step=self.step,
+            model=self.model,
+            parallel_dims=self.parallel_dims,
+            job_config=self.job_config,
+            skipped=record.get("skipped", False),
+            tokens_seen=self.ntokens_seen,
+            metrics={k: v for k, v in record.items() if k != "skipped"},
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "ntokens_seen": self.ntokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = state_dict["step"]
+        self.ntokens_seen = state_dict["ntokens_seen"]
+        self.skipped_steps = state_dict.get("skipped_steps", 0)
+        self.consecutive_skips = state_dict.get("consecutive_skips", 0)
+
+    def close(self) -> None:
+        close_hooks(getattr(self, "hooks", []))
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

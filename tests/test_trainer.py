@@ -1,0 +1,182 @@
+"""The training loop in one process: accumulation, clipping, NaN/Inf skipping, hooks, precision.
+
+The tiny HF Llama config keeps these fast (no Triton interpreter); the loop is model-agnostic.
+The fla default path is covered end to end by tests/test_train_e2e.py.
+"""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from recipe.config import parse_job_config
+from recipe.trainer import Trainer, TooManySkippedSteps
+
+LLAMA = "configs/tiny/llama.json"
+
+
+@pytest.fixture(autouse=True)
+def single_process_group(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_trainer(tmp_path, *extra):
+    args = ["--model.config", LLAMA, "--job.dump_folder", str(tmp_path), "--training.seq_len", "32",
+            "--training.local_batch_size", "4", "--training.steps", "4", "--training.mixed_precision_param",
+            "float32", "--optimizer.implementation", "foreach", "--debug.seed", "0",
+            "--lr_scheduler.warmup_steps", "0", "--metrics.log_freq", "1", *extra]
+    trainer = Trainer(parse_job_config(args))
+    trainer.checkpointer.load()
+    return trainer
+
+
+def micro_batches(trainer, n_steps=1):
+    batches = iter(trainer.dataloader)
+    return [trainer._next_micro_batches(batches) for _ in range(n_steps)]
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    big = make_trainer(tmp_path / "a")
+    (batch,) = micro_batches(big)
+    big.step = 1
+    big_record = big.train_step(batch)
+    big_grads = grads(big.model)
+    big.close()
+    dist.destroy_process_group()
+
+    small = make_trainer(tmp_path / "b", "--training.local_batch_size", "2",
+                         "--training.gradient_accumulation_steps", "2")
+    (mbs,) = micro_batches(small)
+    assert torch.equal(torch.cat([x["input"] for x, _ in mbs]), batch[0][0]["input"])  # same tokens
+    small.step = 1
+    small_record = small.train_step(mbs)
+    small_grads = grads(small.model)
+    small.close()
+    assert small_record["loss"] == pytest.approx(big_record["loss"], rel=1e-5)
+    assert small_record["grad_norm"] == pytest.approx(big_record["grad_norm"], rel=1e-4)
+    for name, g in big_grads.items():
+        torch.testing.assert_close(small_grads[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_are_clipped_to_max_norm(tmp_path):
+    trainer = make_trainer(tmp_path, "--training.max_norm", "0.01", "--optimizer.lr", "0")
+    (batch,) = micro_batches(trainer)
+    trainer.step = 1
+    record = trainer.train_step(batch)
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads(trainer.model).values()]))
+    assert record["grad_norm"] > 0.1  # the logged norm is the pre-clip norm
+    assert total.item() == pytest.approx(0.01, rel=1e-4)
+    trainer.close()
+
+
+def poison_loss(trainer, steps_to_poison):
+    """Make the loss NaN on the given steps (the forward stays real)."""
+    forward = trainer.model.forward
+
+    def forward_with_nan(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.step in steps_to_poison:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.model.forward = forward_with_nan
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    trainer = make_trainer(tmp_path)
+    poison_loss(trainer, {2})
+    batches = micro_batches(trainer, 3)
+    before = None
+    for step, batch in enumerate(batches, start=1):
+        if step == 2:
+            before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.step = step
+        record = trainer.train_step(batch)
+        if step == 2:
+            assert record["skipped"] and trainer.skipped_steps == 1
+            for n, p in trainer.model.named_parameters():
+                assert torch.equal(p, before[n]), f"{n} changed on a skipped step"
+            assert all(p.grad is None or not p.grad.isnan().any() for p in trainer.model.parameters())
+    assert not record["skipped"] and trainer.consecutive_skips == 0 and trainer.skipped_steps == 1
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    trainer.close()
+
+
+def test_too_many_consecutive_skips_stop_with_a_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, "--training.max_consecutive_skips", "2", "--checkpoint.enable")
+    poison_loss(trainer, {2, 3, 4})
+    with pytest.raises(TooManySkippedSteps, match="training.max_consecutive_skips=2.*step-3"):
+        trainer.train()
+    trainer.close()
+    assert (tmp_path / "checkpoint" / "step-3" / ".metadata").exists()
+
+
+CALLS = []
+
+
+def record_step(state):
+    CALLS.append((state.step, state.skipped, type(state.model).__name__, state.parallel_dims.world_size))
+
+
+class CountingHook:
+    def __init__(self, job_config):
+        self.every = job_config.training.steps
+        self.seen, self.closed = 0, False
+
+    def __call__(self, state):
+        self.seen += 1
+
+    def close(self):
+        self.closed = True
+
+
+def test_post_step_hooks_by_dotted_path(tmp_path):
+    CALLS.clear()
+    trainer = make_trainer(tmp_path, "--hooks.post_step", "test_trainer:record_step,test_trainer.CountingHook")
+    trainer.train()
+    counting = trainer.hooks[1]
+    trainer.close()
+    assert [c[0] for c in CALLS] == [1, 2, 3, 4]
+    assert CALLS[0][1:] == (False, "LlamaForCausalLM", 1)
+    assert counting.seen == 4 and counting.closed and counting.every == 4
+
+
+def test_bad_hook_path_is_a_config_error(tmp_path):
+    from recipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hooks.post_step: cannot load 'no_such_module:Hook'"):
+        make_trainer(tmp_path, "--hooks.post_step", "no_such_module:Hook")
+
+
+def test_mixed_precision_without_fsdp_uses_autocast(tmp_path):
+    # flame #29: single-device/DDP runs silently trained in fp32. Here the forward is bf16.
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16")
+    dtypes = []
+    trainer.model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    (batch,) = micro_batches(trainer)
+    trainer.step = 1
+    trainer.train_step(batch)
+    trainer.close()
+    assert dtypes == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+
+
+def test_varlen_needs_an_fla_model(tmp_path):
+    from recipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="training.varlen: model_type 'llama' is not an fla model"):
+        make_trainer(tmp_path, "--training.varlen")
+    assert not dist.is_initialized()  # refused before any process group

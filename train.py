@@ -1,0 +1,55 @@
+"""flare's single entrypoint.
+
+    torchrun --nproc_per_node=N train.py --job.config_file configs/X.toml [--section.key value ...]
+    python train.py --job.config_file configs/debug.toml          # one process
+
+Bad input (config keys, files, degrees) ends with one line on stderr and exit code 2; pass
+``--debug.traceback`` to see the full traceback instead.
+"""
+
+import os
+import sys
+
+from recipe.device import configure_device
+
+configure_device()  # before anything imports fla/triton: selects CUDA+NCCL or CPU+gloo+Triton interpreter
+
+import logging  # noqa: E402
+
+from torchtitan.tools.logging import init_logger  # noqa: E402
+
+from recipe.config import parse_job_config  # noqa: E402
+from recipe.errors import UserError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    init_logger()
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the job
+    args = sys.argv[1:] if argv is None else argv
+    show_traceback = any(a.startswith("--debug.traceback") and not a.endswith(("false", "0")) for a in args)
+    trainer = None
+    try:
+        job_config = parse_job_config(args)
+        from recipe.trainer import Trainer  # heavy imports only once the config is known to be good
+
+        trainer = Trainer(job_config)
+        trainer.train()
+    except UserError as e:
+        if show_traceback:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"flare: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

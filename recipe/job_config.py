@@ -8,6 +8,7 @@ keys without passing ``--job.custom_config_module``; they may still pass one of 
 
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -79,12 +80,64 @@ class Checkpoint:
     """torchtitan defaults to a weights-only final checkpoint, which cannot be resumed or extended;
     flare keeps the full state. Set true for a smaller export."""
 
+    export_hf_on_finish: bool = False
+    """When training ends, also write the final weights as an HF folder (config.json, safetensors,
+    tokenizer; loadable by from_pretrained) to <dump_folder>/hf/step-N, in checkpoint.export_dtype."""
+
 
 @dataclass
 class Hooks:
     post_step: list[str] = field(default_factory=list)
     """Dotted paths ("pkg.module:Name" or "pkg.module.Name") of post-step hooks, run in order
     after every optimizer step. A class is constructed with the JobConfig; a function is called."""
+
+
+@dataclass
+class Rollout:
+    """Weight export to an inference engine after optimizer steps (docs/rollout.md). Takes effect
+    when `enable` is true and the `rollout` hook is listed in `hooks.post_step`."""
+
+    enable: bool = False
+    """Export the weights every `interval` steps."""
+
+    interval: int = 1
+    """Export after every N-th optimizer step (skipped steps are not exported)."""
+
+    transport: Literal["gloo", "nccl", "ipc", "vllm"] = "nccl"
+    """gloo: CPU (tests, small models); nccl: GPU broadcast to a separate engine; ipc: CUDA IPC
+    handles to an engine on the same GPUs; vllm: vLLM's own weight-transfer API."""
+
+    engine_address: str = "127.0.0.1"
+    """Host of the engine's rendezvous (flare receivers) or of the vLLM HTTP server (transport vllm)."""
+
+    engine_port: int = 29650
+    """Port of the engine's rendezvous store (flare receivers) or of the vLLM HTTP server."""
+
+    engine_world_size: int = 1
+    """Receiving processes: engine workers (TP x PP x DP) that all take part in the transfer."""
+
+    engine_tp_size: int = 1
+    """The engine's tensor-parallel size (used by fused_layout to regroup q/k/v and gate/up)."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the engine holds weights in; parameters the adapter keeps in fp32 (A_log, dt_bias) stay fp32."""
+
+    bucket_mb: float = 512.0
+    """Size of one flat transfer buffer; a larger parameter is sent in a bucket of its own."""
+
+    timeout_s: float = 60.0
+    """Bound on every rendezvous/transfer wait; must stay below comm.train_timeout_seconds."""
+
+    on_failure: Literal["log", "raise"] = "log"
+    """log: report a failed export, keep training and retry at the next interval; raise: stop."""
+
+    placement: Literal["colocated", "disaggregated"] = "disaggregated"
+    """colocated: engine shares the trainer's GPUs (sleeps while training; ipc or vllm transport);
+    disaggregated: engine on its own GPUs or nodes (nccl, gloo or vllm transport)."""
+
+    fused_layout: bool = False
+    """Send q/k/v and gate/up pre-fused per engine TP rank (qkv_proj, gate_up_proj) instead of HF
+    names; for engines that load fused shards directly (vLLM takes HF names: keep false)."""
 
 
 @dataclass
@@ -99,4 +152,5 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     hooks: Hooks = field(default_factory=Hooks)
+    rollout: Rollout = field(default_factory=Rollout)
     debug: Debug = field(default_factory=Debug)

@@ -73,6 +73,11 @@ class Trainer(Stateful):
                 "cannot take cu_seqlens; set training.varlen = false"
             )
         validate_parallelism(self.model_config, jc)
+        if jc.checkpoint.last_save_in_hf:
+            raise ConfigError(
+                "checkpoint.last_save_in_hf needs a torchtitan state-dict adapter, which flare's models do "
+                "not have; set checkpoint.export_hf_on_finish = true (or use scripts/convert_dcp_to_hf.py)"
+            )
 
         self.parallel_dims = pd = self._init_distributed()
         self.device = self._init_device()
@@ -180,6 +185,7 @@ class Trainer(Stateful):
             load_hf_weights(self.model, jc.model.init_from_hf)
         if self.step >= jc.training.steps:
             logger.info(f"Nothing to do: the checkpoint is at step {self.step} of {jc.training.steps}")
+            self._maybe_export_hf()
             return
         logger.info(f"Training from step {self.step + 1} to {jc.training.steps}")
 
@@ -205,6 +211,30 @@ class Trainer(Stateful):
                 if self.step == 1:  # first step done: compile/autotune is over, fail faster on hangs
                     dist_utils.set_pg_timeouts(timedelta(seconds=jc.comm.train_timeout_seconds), self.parallel_dims)
         logger.info(f"Training done at step {self.step}; {self.skipped_steps} step(s) skipped for NaN/Inf")
+        self._maybe_export_hf()
+
+    def _maybe_export_hf(self) -> None:
+        """checkpoint.export_hf_on_finish: gather the full weights (a collective, so every rank
+        calls it) and write <dump_folder>/hf/step-N on rank 0, unless a previous run already did."""
+        jc = self.job_config
+        out = os.path.join(jc.job.dump_folder, "hf", f"step-{self.step}")
+        if not jc.checkpoint.export_hf_on_finish or os.path.isdir(out):
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from recipe import hf_io
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            # The config as the user wrote it (not the copy adjusted for this device/layout), sized like the model.
+            spec = hf_io.model_spec(hf_io.load_config(jc.model.config, "model.config", self.tokenizer))
+            hf_io.check_against_spec({k: v.shape for k, v in state.items()}, spec, "the trained model")
+            with hf_io.atomic_folder(out, overwrite=True) as tmp:
+                hf_io.write_hf(hf_io.complete_tied(state, spec), spec, tmp, self.tokenizer,
+                               TORCH_DTYPE_MAP[jc.checkpoint.export_dtype])
+            logger.info(f"HF export complete: {out}")
+        # No barrier: writing a large model can outlast the training-time collective timeout, and
+        # nothing after this needs rank 0.
 
     def _next_micro_batches(self, batches):
         micro_batches = []

@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tps", "mfu", "memory_gib"}
 
 
-def torchrun(dump_folder, steps, *extra):
+def torchrun(dump_folder, steps, *extra, expect_ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train.py", "--job.config_file", "configs/debug.toml", "--job.dump_folder", str(dump_folder),
            "--training.steps", str(steps), "--training.seq_len", "32", "--checkpoint.interval", "2", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == expect_ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
@@ -34,7 +34,8 @@ def read_metrics(dump_folder):
 def test_debug_job_trains_checkpoints_and_resumes_exactly(tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
 
-    torchrun(interrupted, 4)
+    # The job dies (every rank SIGKILLed) right after step 4 and its checkpoint.
+    torchrun(interrupted, 6, "--hooks.post_step", "tests.fault_hooks:kill_every_rank_after_step4", expect_ok=False)
     first = read_metrics(interrupted)
     assert [r["step"] for r in first] == [1, 2, 3, 4]
     for record in first:
@@ -42,7 +43,7 @@ def test_debug_job_trains_checkpoints_and_resumes_exactly(tmp_path):
         assert record["tps"] > 0 and record["memory_gib"] > 0 and record["mfu"] is None  # CPU: no peak
     assert sorted(os.listdir(interrupted / "checkpoint")) == ["step-2", "step-4"]
 
-    log = torchrun(interrupted, 6)  # the same job, restarted with more steps
+    log = torchrun(interrupted, 6)  # the same command, restarted
     assert "Training from step 5 to 6" in log
     resumed = read_metrics(interrupted)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # appended, not overwritten

@@ -1,0 +1,367 @@
+"""HF model folders <-> DCP model-only checkpoints: read, validate against the model, write atomically.
+
+The trainer's DCP checkpoints hold the model's own ``state_dict`` keys flat at the top level
+(torchtitan's ``ModelWrapper``), beside ``optimizer.*``, ``lr_scheduler.*``, ``dataloader.*`` and
+``train_state.*`` entries; a model-only checkpoint has the model keys alone. Those keys are exactly
+the HF model's keys, so nothing is renamed in either direction (flame's converter nests them as
+``model.model.*``, which a resumed job cannot load). DCP stores global tensors, so one process reads
+a checkpoint saved in any parallel layout, and DCP reshards a written one on load.
+
+Every key and shape is checked against the model built (on the meta device) from the config, so a
+checkpoint that does not belong to the config fails with the offending key named, before anything
+is written. Outputs go to a temporary folder beside the destination and are renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from recipe.errors import UserError
+
+# Top-level entries of a trainer checkpoint that are not model weights.
+NON_MODEL_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+class ConversionError(UserError):
+    """Bad input to a conversion; the message names the file or key."""
+
+
+@dataclass
+class ModelSpec:
+    """What a checkpoint of this config must hold, from the model built on the meta device."""
+
+    config: object
+    architecture: str
+    shapes: dict[str, torch.Size]  # every state_dict key, tied aliases included (DCP has them all)
+    tied: dict[str, str]  # alias -> the key HF stores the shared tensor under (e.g. lm_head -> embeddings)
+    ignore_unexpected: list[str]  # the model class's regexes of stale keys HF drops on load
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def load_config(path: str, flag: str, tokenizer=None):
+    """The model config from a JSON or HF folder; with a tokenizer, reconciled as the trainer does."""
+    from recipe.model import load_model_config, reconcile_with_tokenizer
+
+    try:
+        config = load_model_config(path)
+    except UserError as e:
+        raise ConversionError(f"{flag}: {str(e).removeprefix('model.config: ')}") from None
+    if tokenizer is not None:
+        # The trainer grows vocab_size to cover the tokenizer and takes its special token ids.
+        reconcile_with_tokenizer(config, tokenizer)
+    return config
+
+
+def load_tokenizer(spec: str):
+    """`bytes`, a tokenizer folder/file, or `none`; the same values as the job's `model.tokenizer`."""
+    from recipe.tokenizer import build_tokenizer
+
+    if spec.lower() == "none":
+        return None
+    try:
+        return build_tokenizer(SimpleNamespace(model=SimpleNamespace(tokenizer=spec)))
+    except UserError as e:
+        raise ConversionError(f"--tokenizer: {str(e).removeprefix('model.tokenizer: ')}") from None
+
+
+def model_spec(config) -> ModelSpec:
+    from recipe.model import build_model_on_meta
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation chatter
+            model = build_model_on_meta(config)
+    except Exception as e:  # noqa: BLE001 - e.g. fla's transformer without flash-attn
+        raise ConversionError(f"cannot build model_type '{config.model_type}': {_first_line(e)}") from None
+    first_name, tied = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            tied[name] = first_name[id(param)]
+        else:
+            first_name[id(param)] = name
+    return ModelSpec(
+        config=config,
+        architecture=type(model).__name__,
+        shapes={k: v.shape for k, v in model.state_dict().items()},
+        tied=tied,
+        ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+    )
+
+
+def check_against_spec(found: dict[str, torch.Size], spec: ModelSpec, source: str) -> None:
+    """Same keys (a tied alias may be absent) and shapes as the model, or a ConversionError."""
+    what = f"model_type '{spec.config.model_type}'"
+    missing = sorted(k for k in spec.shapes if k not in found and spec.tied.get(k) not in found)
+    if missing:
+        raise ConversionError(
+            f"{source} lacks {len(missing)} weight(s) of {what}, e.g. {missing[:3]}; does the config match the checkpoint?"
+        )
+    unexpected = sorted(
+        k for k in found if k not in spec.shapes and not any(re.search(p, k) for p in spec.ignore_unexpected)
+    )
+    if unexpected:
+        raise ConversionError(
+            f"{source} has {len(unexpected)} weight(s) that {what} lacks, e.g. {unexpected[:3]}; "
+            "does the config match the checkpoint?"
+        )
+    for key, shape in found.items():
+        if key in spec.shapes and tuple(shape) != tuple(spec.shapes[key]):
+            raise ConversionError(
+                f"{source}: '{key}' has shape {list(shape)} but {what} with this config expects "
+                f"{list(spec.shapes[key])}; does the config (and tokenizer/vocab_size) match the checkpoint?"
+            )
+
+
+def complete_tied(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Fill absent tied aliases from the stored key; refuse aliases that differ from it."""
+    for alias, stored in spec.tied.items():
+        if alias not in state:
+            state[alias] = state[stored]
+        elif not torch.equal(state[alias], state[stored]):
+            raise ConversionError(
+                f"the config ties '{alias}' to '{stored}' but the checkpoint holds different values; "
+                "check tie_word_embeddings in the config"
+            )
+    return {k: state[k] for k in spec.shapes if k in state}
+
+
+# --------------------------------------------------------------------------- DCP
+
+
+def read_dcp_model(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The model tensors (full, in their saved dtype) of a DCP checkpoint, in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ConversionError(f"--checkpoint: '{path}' is not a DCP checkpoint (no .metadata file)")
+    reader = dcp.FileSystemReader(path)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises anything
+        raise ConversionError(f"--checkpoint: cannot read '{path}/.metadata' ({_first_line(e)})") from None
+    tensors = {
+        k: v
+        for k, v in metadata.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata) and k.split(".", 1)[0] not in NON_MODEL_SECTIONS
+    }
+    check_against_spec({k: v.size for k, v in tensors.items()}, spec, f"checkpoint '{path}'")
+    keys = [k for k in tensors if k in spec.shapes]
+    _check_dcp_files(path, metadata, set(keys))
+
+    state = {k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in keys}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except Exception as e:  # noqa: BLE001 - DCP wraps read errors in CheckpointException
+        raise ConversionError(f"--checkpoint: cannot read the weights in '{path}' ({_first_line(e)})") from None
+    return complete_tied(state, spec)
+
+
+def _check_dcp_files(path: str, metadata, keys: set[str]) -> None:
+    """Every byte range the weights live in must exist: catches missing and truncated shard files."""
+    needed: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        if index.fqn in keys:
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ConversionError(f"--checkpoint: shard file '{file}' is missing")
+        if os.path.getsize(file) < size:
+            raise ConversionError(
+                f"--checkpoint: shard file '{file}' is truncated ({os.path.getsize(file)} bytes, needs {size})"
+            )
+
+
+def write_dcp(state: dict[str, torch.Tensor], folder: str) -> None:
+    """A model-only DCP checkpoint with the flat model keys (usable as checkpoint.initial_load_path)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=True)
+
+
+# --------------------------------------------------------------------------- HF folders
+
+
+def read_hf_weights(folder: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The safetensors weights of an HF folder (one file or an index with shards), validated."""
+    from safetensors import safe_open
+
+    index_file = os.path.join(folder, SAFE_INDEX)
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConversionError(f"--hf: cannot read '{index_file}' ({_first_line(e)})") from None
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(folder, SAFE_WEIGHTS)):
+        weight_map, files = None, [SAFE_WEIGHTS]
+    else:
+        raise ConversionError(f"--hf: '{folder}' has no {SAFE_WEIGHTS} or {SAFE_INDEX} (only safetensors is read)")
+
+    state = {}
+    for name in files:
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise ConversionError(f"--hf: shard '{file}' named in {SAFE_INDEX} is missing")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - SafetensorError for truncated/corrupt files
+            raise ConversionError(f"--hf: cannot read shard '{file}' ({_first_line(e)})") from None
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise ConversionError(f"--hf: {SAFE_INDEX} lists {len(absent)} weight(s) its shards lack, e.g. {absent[:3]}")
+    check_against_spec({k: v.shape for k, v in state.items()}, spec, f"HF folder '{folder}'")
+    return complete_tied(state, spec)
+
+
+def write_hf(
+    state: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    folder: str,
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: int = 5 * 10**9,
+) -> None:
+    """config.json, generation_config.json, safetensors (sharded above max_shard_size), tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    # HF stores a tied tensor once, under the first module's name; from_pretrained re-ties it.
+    weights = {
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        for k, v in state.items()
+        if k not in spec.tied
+    }
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, SAFE_WEIGHTS), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in weights.values())
+        with open(os.path.join(folder, SAFE_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    config = copy.deepcopy(spec.config)
+    config.architectures = [spec.architecture]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    _add_legacy_torch_dtype(os.path.join(folder, "config.json"), dtype)
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _add_legacy_torch_dtype(config_file: str, dtype: torch.dtype) -> None:
+    """transformers >= 4.56 writes "dtype"; older readers (and many serving stacks) look for "torch_dtype"."""
+    with open(config_file) as f:
+        values = json.load(f)
+    values["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(config_file, "w") as f:
+        json.dump(values, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def check_output(path: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, a destination that would clobber something."""
+    real = os.path.realpath(path)
+    for source in inputs:
+        if source and os.path.realpath(source) == real:
+            raise ConversionError(f"--output: '{path}' is the input; write elsewhere")
+    if os.path.isfile(path):
+        raise ConversionError(f"--output: '{path}' is a file; give a folder path")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise ConversionError(f"--output: '{path}' exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str, overwrite: bool = False):
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed.
+
+    The temporary name has no ``step-N`` in it, so a trainer scanning the same folder never
+    mistakes a half-written output for a checkpoint.
+    """
+    check_output(path, overwrite)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-tmp-", dir=parent)
+    try:
+        yield tmp
+        _umask_permissions(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".convert-old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask_permissions(folder: str) -> None:
+    """mkdtemp (and safetensors' writer) make private files; give the output the usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20 (HF's max_shard_size convention)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
+        raise ConversionError(f"--max-shard-size: cannot read {text!r}; use e.g. 5GB or 500MiB")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -22,7 +22,6 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from torchtitan.config import ConfigManager
-from torchtitan.config import JobConfig as TitanJobConfig
 
 from recipe import job_config as flare_sections
 from recipe.errors import ConfigError

@@ -17,14 +17,12 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import fla.layers.attn  # registers fla's models; imported here so its import-time warnings stay out of the checks
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
@@ -57,20 +55,6 @@ def convert_ok(capsys, script, *args):
     rc, out, err = run(capsys, script, *args)
     assert rc == 0, err
     assert out.startswith("wrote "), out
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    """The trainer in this process: a process group of one, torn down afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture
@@ -145,7 +129,7 @@ def assert_identical(actual: dict, expected: dict):
 
 
 @pytest.mark.parametrize("family", ["llama", "gla"])
-def test_hf_dcp_trainer_dcp_hf_is_bit_identical(tmp_path, capsys, single_process_env, family):
+def test_hf_dcp_trainer_dcp_hf_is_bit_identical(tmp_path, capsys, single_process_group, family):
     from recipe.config import parse_job_config
     from recipe.trainer import Trainer
 
@@ -176,7 +160,7 @@ def test_hf_dcp_trainer_dcp_hf_is_bit_identical(tmp_path, capsys, single_process
     assert {"generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
 
 
-def test_hf_to_dcp_output_works_as_checkpoint_step_0(tmp_path, capsys, single_process_env):
+def test_hf_to_dcp_output_works_as_checkpoint_step_0(tmp_path, capsys, single_process_group):
     """The other way to start from it: <dump_folder>/checkpoint/step-0 (torchtitan loads a step-0
     checkpoint as model-only); flat keys are what make this work (flame #48)."""
     from recipe.config import parse_job_config
@@ -197,7 +181,7 @@ def test_hf_to_dcp_output_works_as_checkpoint_step_0(tmp_path, capsys, single_pr
 
 
 @pytest.mark.slow
-def test_fsdp_tp_checkpoint_converts_to_matching_logits(tmp_path, capsys, single_process_env):
+def test_fsdp_tp_checkpoint_converts_to_matching_logits(tmp_path, capsys, single_process_group):
     dump, llama = tmp_path / "run", os.path.join(TINY, "llama.json")
     job = ["--job.config_file", os.path.join(ROOT, "configs", "debug.toml"), "--model.config", llama,
            "--job.dump_folder", str(dump), "--training.steps", "2", "--training.seq_len", "32"]

@@ -4,8 +4,6 @@ The tiny HF Llama config keeps these fast (no Triton interpreter); the loop is m
 The fla default path is covered end to end by tests/test_train_e2e.py.
 """
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,17 +14,7 @@ from recipe.trainer import Trainer, TooManySkippedSteps
 LLAMA = "configs/tiny/llama.json"
 
 
-@pytest.fixture(autouse=True)
-def single_process_group(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
 def make_trainer(tmp_path, *extra):

@@ -40,11 +40,16 @@ for layout in $layouts; do
   [[ $layout == *_ac* ]] && extra+=(--activation_checkpoint.mode full)
   dump=$root/$layout; rm -rf "$dump"
   echo "== $name $layout: $n GPU(s), local batch $local_batch"
-  torchrun --standalone --nproc_per_node=$n train.py --job.config_file configs/gla_340M.toml \
+  mkdir -p "$dump"
+  if torchrun --standalone --nproc_per_node=$n train.py --job.config_file configs/gla_340M.toml \
     --model.config "$model" --model.init_from_hf "$init" --model.tokenizer bytes --training.dataset synthetic \
     --training.steps "$steps" --training.seq_len "$seq" --training.local_batch_size "$local_batch" \
     --metrics.log_freq 1 --metrics.no_enable_tensorboard --checkpoint.no_enable --job.dump_folder "$dump" \
-    "${par[@]}" "${extra[@]}" 2>&1 | grep -E "step +[0-9]+ |error|Error" | tail -3 || echo "   $layout failed"
+    "${par[@]}" "${extra[@]}" > "$dump/train.log" 2>&1; then
+    grep -E "step +[0-9]+ " "$dump/train.log" | tail -2
+  else
+    echo "   $layout failed; the end of its log:"; grep -v -i "warn" "$dump/train.log" | tail -40
+  fi
   rows+=("$name/$layout=$dump/metrics.jsonl")
   [ -n "${OUT:-}" ] && [ -f "$dump/metrics.jsonl" ] && cp "$dump/metrics.jsonl" "$OUT/${name}_${layout}.jsonl"
 done

@@ -1,0 +1,455 @@
+"""Training throughput: flare's Trainer against a bare PyTorch loop on the same model (issue #7).
+
+For every model config x (seq_len, batch) x compile setting it measures, in one process:
+
+* ``trainer``: ``recipe.trainer.Trainer`` built from CLI overrides (synthetic corpus, byte tokenizer,
+  no checkpoints, metrics every step) and driven through its own ``train()`` loop. Throughput is the
+  median ``tps`` of its ``metrics.jsonl`` after the warm-up steps; under torchrun it uses FSDP over all
+  ranks (``--tp 2`` adds tensor parallelism).
+* ``bare`` / ``bare-bf16``: the ceiling: ``AutoModelForCausalLM.from_config`` on the device, the
+  same synthetic batches, fused AdamW, grad clipping, per-block ``torch.compile`` when compile is on,
+  nothing else. ``bare`` keeps fp32 parameters under bf16 autocast (the trainer's single-GPU layout),
+  ``bare-bf16`` holds bf16 parameters (what FSDP's mixed precision computes with). Under torchrun
+  every rank runs it alone, without communication: a per-GPU ceiling.
+
+Columns: tokens/s per GPU (median over the timed steps), MFU (``recipe.flops`` FLOPs/token over the
+device's bf16 dense peak), peak memory (CUDA reserved; process peak RSS on CPU), the wall time of the
+first step (Triton autotuning and torch.compile land there; later rows reuse what earlier rows
+compiled and what is cached on disk, see scripts/warm_kernels.py), and trainer/bare (the trainer's
+tokens/s over the best bare variant of the same model, shape and compile setting).
+
+    python scripts/bench_train.py                                  # GLA-340M and Llama-360M, seq 4096 x 8
+    python scripts/bench_train.py --models configs/gla_340M.json --compile on --impls trainer,bare
+    python scripts/bench_train.py --models configs/gla_340M.json --seq-sweep 2048,4096,8192,16384,32768
+    torchrun --nproc_per_node=2 scripts/bench_train.py --models configs/gla_340M.json [--tp 2]
+    python scripts/bench_train.py --device cpu --models configs/tiny/llama.json --seq-len 64 --batch 2 \\
+        --steps 3 --warmup 1                                       # CPU smoke run (fp32, compile off)
+
+Rank 0 prints a header (device, versions, date, command), one line per finished run, and a markdown
+table at the end; rows go to ``--out`` as JSON lines (appended, one header line per invocation;
+default ``$OUT/bench_train.jsonl`` when OUT is set) as soon as each run ends, so a run cut short by
+a time limit keeps what it finished. ``--budget-s`` skips the runs that would start after that many
+seconds (one process only). On CPU the runs compute in fp32 and compile defaults to off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+IMPLS = ("trainer", "bare", "bare-bf16")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="configs/gla_340M.json,configs/llama_360M.json",
+                   help="comma-separated model config JSONs")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8, help="local batch (sequences per GPU per step)")
+    p.add_argument("--seq-sweep", default="",
+                   help="comma-separated seq lens at constant tokens per batch (seq-len x batch); "
+                        "batch = tokens / seq")
+    p.add_argument("--compile", default=None, help="off, on, or off,on (default: off,on; off on CPU)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--varlen", action="store_true", help="trainer rows pack each batch into one row (fla models)")
+    p.add_argument("--tp", type=int, default=1, help="trainer rows: parallelism.tensor_parallel_degree")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="cpu hides the GPUs (default: cuda when available)")
+    p.add_argument("--out", default=None, help="JSON-lines file (default $OUT/bench_train.jsonl if OUT is set)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
+    p.add_argument("--verbose", action="store_true", help="show the trainer's log")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.impls = [i for i in args.impls.split(",") if i]
+    unknown = set(args.impls) - set(IMPLS)
+    if unknown:
+        p.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
+    if args.seq_sweep:
+        tokens = args.seq_len * args.batch
+        args.shapes = []
+        for seq in map(int, args.seq_sweep.split(",")):
+            if tokens % seq:
+                p.error(f"--seq-sweep: {seq} does not divide {tokens} tokens per batch (seq-len x batch)")
+            args.shapes.append((seq, tokens // seq))
+    else:
+        args.shapes = [(args.seq_len, args.batch)]
+    if args.out is None and os.environ.get("OUT"):
+        args.out = os.path.join(os.environ["OUT"], "bench_train.jsonl")
+    return args
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def synchronize():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free_memory():
+    """Drop everything the previous run left: compiled graphs, cached blocks, Python cycles."""
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device) -> float:
+    from recipe.metrics import MemoryMonitor
+
+    return MemoryMonitor(device).peak_gib()
+
+
+def job_args(model: str, seq: int, batch: int, steps: int, compile_on: bool, varlen: bool, tp: int,
+             dump_folder: str) -> list[str]:
+    """The trainer's overrides: the project's defaults plus an offline, checkpoint-free benchmark job."""
+    args = [
+        "--model.config", model, "--model.tokenizer", "bytes", "--training.dataset", "synthetic",
+        "--training.seq_len", str(seq), "--training.local_batch_size", str(batch),
+        "--training.steps", str(steps), "--checkpoint.no_enable", "--metrics.log_freq", "1",
+        "--metrics.no_enable_tensorboard", "--job.dump_folder", dump_folder,
+        # After step 1 the trainer tightens collective timeouts; a later run's first step (another
+        # compile) must not trip them while ranks wait for each other.
+        "--comm.train_timeout_seconds", "900",
+        "--compile.enable" if compile_on else "--compile.no_enable",
+    ]
+    if varlen:
+        args.append("--training.varlen")
+    if tp > 1:
+        args += ["--parallelism.tensor_parallel_degree", str(tp)]
+    if not _on_gpu():
+        # fla's fused CPU backward does not re-enter autocast (bf16/fp32 mismatch), and bf16 buys
+        # nothing on CPU: configs/debug.toml trains in fp32 there too.
+        args += ["--training.mixed_precision_param", "float32"]
+    return args
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- the two implementations
+
+
+def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dict:
+    from recipe.config import parse_job_config
+    from recipe.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as dump:
+        jc = parse_job_config(job_args(model, seq, batch, args.warmup + args.steps, compile_on, args.varlen,
+                                       args.tp, dump))
+        start = time.perf_counter()
+        trainer = Trainer(jc)
+        setup_s = time.perf_counter() - start
+        step_s = []
+        train_step = trainer.train_step
+
+        def timed_train_step(micro_batches):
+            t0 = time.perf_counter()
+            record = train_step(micro_batches)
+            synchronize()
+            step_s.append(time.perf_counter() - t0)
+            return record
+
+        trainer.train_step = timed_train_step
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        path = os.path.join(dump, "metrics.jsonl")
+        records = []
+        if os.path.exists(path):  # rank 0 writes it
+            with open(path) as f:
+                records = [json.loads(line) for line in f]
+        timed = [r for r in records if r["step"] > args.warmup]
+        row = {
+            "tokens_per_s": statistics.median(r["tps"] for r in timed) if timed else None,
+            "peak_gib": max((r["memory_gib"] for r in records), default=None),
+            "first_step_s": step_s[0],
+            "setup_s": setup_s,
+            "loss_first": records[0]["loss"] if records else None,
+            "loss_last": records[-1]["loss"] if records else None,
+            "flops_per_token": trainer.flops_per_token,
+            "fsdp": trainer.parallel_dims.fsdp_enabled,
+        }
+    return row
+
+
+def synthetic_batches(model: str, seq: int, batch: int, n: int):
+    """The trainer's own data path (synthetic corpus, byte tokenizer), this rank's share."""
+    from recipe.config import parse_job_config
+    from recipe.data import build_dataset
+    from recipe.tokenizer import build_tokenizer
+
+    jc = parse_job_config(job_args(model, seq, batch, n, False, False, 1, tempfile.gettempdir()))
+    tokenizer = build_tokenizer(jc)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stream = iter(build_dataset(jc, tokenizer, dp_rank=rank, dp_world_size=world))
+    batches = [next(stream) for _ in range(n)]
+    return tokenizer, [(inputs["input"], labels) for inputs, labels in batches]
+
+
+def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, bf16_params: bool, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recipe import flops as flops_lib
+    from recipe.model import disable_unsupported_fused_kernels, load_model_config, reconcile_with_tokenizer
+
+    device = bench_device()
+    tokenizer, batches = synthetic_batches(model_path, seq, batch, args.warmup + args.steps)
+    start = time.perf_counter()
+    config = load_model_config(model_path)
+    reconcile_with_tokenizer(config, tokenizer)
+    config.use_cache = False  # HF models would build a KV cache in every training forward
+    disable_unsupported_fused_kernels(config, device.type)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if bf16_params:
+        model.to(torch.bfloat16)
+    model.train()
+    flops_per_token = flops_lib.flops_per_token(config, seq, model)
+    if compile_on:
+        blocks = model.get_submodule(model.base_model_prefix).layers
+        # fla layers branch on their integer layer_idx: dynamo compiles once per layer, and past
+        # recompile_limit (8) it would silently run the remaining layers eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 8 * len(blocks) + 32)
+        for i, block in enumerate(blocks):
+            blocks[i] = torch.compile(block)
+    params = list(model.parameters())
+    # The trainer's optimizer settings (torchtitan defaults), fused implementation.
+    optimizer = torch.optim.AdamW(params, lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_params and _on_gpu())
+    setup_s = time.perf_counter() - start
+
+    step_s, losses = [], []
+    gc_enabled = gc.isenabled()
+    gc.disable()  # as in the trainer (torchtitan collects every training.gc_freq steps): no GC pauses
+    try:
+        for inputs, labels in batches:
+            t0 = time.perf_counter()
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast:
+                loss = model(input_ids=inputs, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize()
+            step_s.append(time.perf_counter() - t0)
+            losses.append(loss.detach())
+    finally:
+        if gc_enabled:
+            gc.enable()
+    tokens = batch * seq
+    row = {
+        "tokens_per_s": tokens / statistics.median(step_s[args.warmup:]) if step_s[args.warmup:] else None,
+        "peak_gib": peak_memory_gib(device),
+        "first_step_s": step_s[0],
+        "setup_s": setup_s,
+        "loss_first": float(losses[0]),
+        "loss_last": float(losses[-1]),
+        "flops_per_token": flops_per_token,
+    }
+    return row
+
+
+def bench_device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def environment(args) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    from recipe.flops import peak_flops
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    device = bench_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": name,
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "fla": version("flash-linear-attention") or version("fla-core"),
+        "transformers": version("transformers"),
+        "torchtitan": version("torchtitan"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "peak_bf16_tflops": (peak_flops(device) or 0) / 1e12 or None,
+    }
+
+
+COLUMNS = ("model", "seq", "batch", "compile", "impl", "tokens/s/GPU", "MFU %", "peak GiB", "first-step s",
+           "trainer/bare")
+
+
+def table_row(row: dict) -> list[str]:
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    impl = row["impl"] + "".join(f" ({tag})" for tag, on in (
+        ("fsdp", row.get("fsdp")), ("varlen", row.get("varlen")), (f"tp {row['tp']}", row.get("tp", 1) > 1)) if on)
+    if row.get("error"):
+        error = row["error"] if row["error"].startswith("skipped") else f"failed: {row['error'][:80]}"
+        return [row["model"], str(row["seq"]), str(row["batch"]), "on" if row["compile"] else "off", impl,
+                error, "", "", "", ""]
+    return [
+        row["model"], str(row["seq"]), str(row["batch"]), "on" if row["compile"] else "off", impl,
+        num(row["tokens_per_s"], ",.0f"), num(row["mfu_pct"], ".1f"), num(row["peak_gib"], ".1f"),
+        num(row["first_step_s"], ".1f"), num(row.get("trainer_over_bare"), ".3f"),
+    ]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(table_row(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initializes CUDA: the trainer follows
+    from recipe.device import configure_device
+
+    configure_device()  # before fla/triton are imported
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    from recipe import flops as flops_lib
+    from recipe.model import load_model_config, uses_fla
+
+    if not args.verbose:
+        logging.disable(logging.WARNING)  # the trainer's per-step log lines; errors still show
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_train: --device cuda but no GPU is visible", file=sys.stderr)
+        return 2
+    device = bench_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # torch.compile on CPU takes minutes even for tiny models; ask for it explicitly there.
+    compile_spec = args.compile or ("off,on" if device.type == "cuda" else "off")
+    args.compile = [{"off": False, "on": True}[c] for c in compile_spec.split(",") if c]
+    rank = int(os.environ.get("RANK", 0))
+    speak = rank == 0
+    env = environment(args)
+    peak = flops_lib.peak_flops(device)
+
+    def say(text=""):
+        if speak:
+            print(text, flush=True)
+
+    say(f"# bench_train {env['date']}")
+    say(f"device: {env['device']} x {env['world_size']}; torch {env['torch']}, triton {env['triton']}, "
+        f"fla {env['fla']}, transformers {env['transformers']}, torchtitan {env['torchtitan']}")
+    say(f"command: {env['command']}")
+    say(f"warm-up {args.warmup} + timed {args.steps} steps; MFU vs "
+        f"{env['peak_bf16_tflops'] or 'n/a'} TFLOP/s bf16 dense peak")
+    if device.type == "cpu":
+        say("CPU: trainer and bare compute in fp32 (no bf16 autocast); bare-bf16 holds bf16 parameters")
+    if args.budget_s is not None and env["world_size"] > 1:
+        # Ranks must agree on every run they start (the trainer's collectives); elapsed times differ.
+        say("--budget-s is ignored under torchrun")
+        args.budget_s = None
+    out = None
+    if speak and args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        out = open(args.out, "a")
+        out.write(json.dumps({"header": env}) + "\n")
+        out.flush()
+
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for model in args.models:
+        name = os.path.splitext(os.path.basename(model))[0]
+        is_fla = uses_fla(load_model_config(model))
+        for seq, batch in args.shapes:
+            for compile_on in args.compile:
+                # Bare variants first: the trainer row can then carry its ratio as soon as it ends.
+                for impl in sorted(args.impls, key=lambda i: i == "trainer"):
+                    row = {"model": name, "config": model, "seq": seq, "batch": batch, "compile": compile_on,
+                           "impl": impl, "varlen": impl == "trainer" and args.varlen and is_fla,
+                           "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"]}
+                    if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                        row["error"] = f"skipped: --budget-s {args.budget_s:g} spent"
+                    elif impl == "trainer" and args.varlen and not is_fla:
+                        row["error"] = "skipped: varlen needs an fla model"
+                    else:
+                        free_memory()
+                        try:
+                            if impl == "trainer":
+                                args_for_run = argparse.Namespace(**{**vars(args), "varlen": row["varlen"]})
+                                row.update(run_trainer(model, seq, batch, compile_on, args_for_run))
+                            else:
+                                row.update(run_bare(model, seq, batch, compile_on, impl == "bare-bf16", args))
+                        except Exception as e:  # noqa: BLE001  (one failed run, e.g. OOM, must not end the sweep)
+                            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                        free_memory()
+                    if row.get("tokens_per_s") and peak:
+                        row["mfu_pct"] = 100 * row["flops_per_token"] * row["tokens_per_s"] / peak
+                    else:
+                        row.setdefault("mfu_pct", None)
+                    if impl == "trainer" and row.get("tokens_per_s"):
+                        bare = [r["tokens_per_s"] for r in rows if r["impl"] != "trainer" and r.get("tokens_per_s")
+                                and (r["model"], r["seq"], r["compile"]) == (name, seq, compile_on)]
+                        row["trainer_over_bare"] = row["tokens_per_s"] / max(bare) if bare else None
+                    rows.append(row)
+                    say(" ".join(table_row(row)))
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+    say()
+    say(markdown(rows))
+    if out:
+        out.close()
+        say(f"\nrows appended to {args.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,10 @@ from recipe.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# Parameters fla models create in __init__ with a constant that their `_init_weights` does not
+# reset, so `to_empty` would leave them uninitialized (HGRN/HGRN2's per-layer forget-gate bounds).
+_CONSTRUCTOR_CONSTANTS = {"lower_bounds": 0.0}
+
 # Config flags of fla's fused loss kernels; they run on CUDA (and NPU/XPU) tensors only.
 _CUDA_ONLY_FUSED_LOSSES = ("fuse_cross_entropy", "fuse_linear_cross_entropy")
 
@@ -96,8 +100,8 @@ def count_parameters(model: nn.Module) -> int:
 def init_weights(model: nn.Module) -> None:
     """Initialize a materialized (``to_empty``) model with its own HF/fla init scheme.
 
-    Works on DTensor-sharded parameters as well. Non-persistent buffers (RoPE frequencies)
-    are recomputed too: ``to_empty`` leaves them uninitialized.
+    Works on DTensor-sharded parameters as well. Non-persistent buffers (RoPE frequencies) are
+    recomputed too, and tied embeddings re-tied: ``to_empty`` gives every module a new tensor.
     """
     for module in model.modules():
         if hasattr(module, "_is_hf_initialized"):
@@ -106,6 +110,12 @@ def init_weights(model: nn.Module) -> None:
         model.initialize_weights()
     else:
         model.apply(model._init_weights)
+    for name, param in model.named_parameters():
+        value = _CONSTRUCTOR_CONSTANTS.get(name.rsplit(".", 1)[-1])
+        if value is not None:
+            param.fill_(value)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
 
 
 def load_hf_weights(model: nn.Module, folder: str) -> None:

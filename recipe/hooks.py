@@ -19,6 +19,9 @@ from recipe.errors import ConfigError
 
 _REGISTRY: dict[str, Callable] = {}
 
+# Hooks flare ships, imported on first use so that a job without them does not pay for them.
+_BUILTIN_MODULES = {"rollout": "recipe.rollout.hook"}
+
 
 @dataclass
 class StepState:
@@ -51,6 +54,8 @@ def register_post_step_hook(name: str):
 
 def resolve_hook(spec: str) -> Callable:
     """A registered name, "pkg.module:attr" or "pkg.module.attr" → the object it names."""
+    if spec in _BUILTIN_MODULES and spec not in _REGISTRY:
+        importlib.import_module(_BUILTIN_MODULES[spec])  # registers itself
     if spec in _REGISTRY:
         return _REGISTRY[spec]
     module_name, sep, attr = spec.partition(":")

@@ -1,0 +1,157 @@
+"""The ``rollout`` post-step hook: export the weights to an inference engine every N steps.
+
+Every trainer rank runs the hook (the gathers are collectives); global rank 0 sends. A failed
+export (no receiver, receiver died, timeout, rejected version) is logged and training goes on;
+the next interval reconnects and retries with that step as a fresh version. Every rank learns
+the sender's outcome after each phase through a one-integer all-reduce on the trainer's group,
+so all ranks stop gathering at the same bucket and none is left in a collective.
+
+Enable with ``[rollout] enable = true`` and ``[hooks] post_step = ["rollout"]`` (or the dotted
+path ``recipe.rollout.hook:RolloutHook``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from recipe.errors import ConfigError, UserError
+from recipe.hooks import StepState, register_post_step_hook
+from recipe.rollout.adapters import get_export_adapter
+from recipe.rollout.source import Bucket, WeightSource
+from recipe.rollout.transports import build_transport
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class RolloutExportError(UserError):
+    """rollout.on_failure = "raise" and an export failed."""
+
+
+def validate_rollout(job_config) -> None:
+    r = job_config.rollout
+    if r.interval <= 0:
+        raise ConfigError(f"rollout.interval={r.interval}: must be a positive integer")
+    if r.bucket_mb <= 0:
+        raise ConfigError(f"rollout.bucket_mb={r.bucket_mb}: must be positive")
+    if r.engine_world_size < 1 or r.engine_tp_size < 1:
+        raise ConfigError("rollout.engine_world_size and rollout.engine_tp_size must be >= 1")
+    if r.engine_world_size % r.engine_tp_size:
+        raise ConfigError(f"rollout.engine_world_size={r.engine_world_size} is not a multiple of "
+                          f"rollout.engine_tp_size={r.engine_tp_size}")
+    if r.timeout_s <= 0:
+        raise ConfigError(f"rollout.timeout_s={r.timeout_s}: must be positive")
+    limit = job_config.comm.train_timeout_seconds
+    if r.timeout_s >= limit:
+        # The non-sending ranks wait in a trainer collective while rank 0 waits on the engine.
+        raise ConfigError(f"rollout.timeout_s={r.timeout_s} must be below comm.train_timeout_seconds={limit}, "
+                          "or the other trainer ranks time out while rank 0 waits for the engine")
+    if r.placement == "colocated" and r.transport in ("gloo", "nccl"):
+        raise ConfigError(f"rollout.placement=colocated with transport={r.transport}: a colocated engine "
+                          "shares the GPU; use transport ipc (or vllm)")
+    if r.placement == "disaggregated" and r.transport == "ipc":
+        raise ConfigError("rollout.transport=ipc needs the engine on the same GPUs: set placement = colocated")
+    if r.transport in ("nccl", "ipc", "vllm") and not torch.cuda.is_available():
+        raise ConfigError(f"rollout.transport={r.transport} needs CUDA; use gloo on CPU")
+
+
+@register_post_step_hook("rollout")
+class RolloutHook:
+    def __init__(self, job_config):
+        self.cfg = job_config.rollout
+        self.enabled = self.cfg.enable
+        if not self.enabled:
+            logger.info("rollout hook listed but rollout.enable = false: no exports")
+            return
+        validate_rollout(job_config)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.transport = build_transport(self.cfg) if self.rank == 0 else None
+        self.source: WeightSource | None = None
+        self.exported: list[int] = []  # versions the engine applied
+        self.failed: list[int] = []
+
+    def __call__(self, state: StepState) -> None:
+        if not self.enabled or state.skipped or state.step % self.cfg.interval:
+            return
+        self.export(state.model, state.step)
+
+    # ------------------------------------------------------------------ export
+
+    def _source(self, model) -> WeightSource:
+        if self.source is None:  # names, shapes and dtypes are fixed: plan once
+            adapter = get_export_adapter(model.config, _DTYPES[self.cfg.dtype], engine_tp=self.cfg.engine_tp_size,
+                                         fused=self.cfg.fused_layout)
+            self.source = WeightSource(model, adapter, max(int(self.cfg.bucket_mb * 2**20), 1))
+        return self.source
+
+    def _agree(self, ok: bool) -> bool:
+        """Rank 0's outcome (and anyone's failure) on every rank."""
+        if self.world == 1:
+            return ok
+        # A CUDA tensor suits "nccl" and "cuda:nccl,cpu:gloo" (torchtitan's) alike.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _attempt(self, fn, *args) -> str | None:
+        """Run a transport call on the sender; the error text instead of an exception."""
+        try:
+            fn(*args)
+            return None
+        except Exception as e:  # noqa: BLE001 - any engine-side failure must not stop training
+            return f"{type(e).__name__}: {e}"
+
+    def export(self, model, version: int) -> bool:
+        """Send the current weights as ``version``; True when the engine applied all of them."""
+        source = self._source(model)
+        sender = self.transport is not None
+        t0 = time.perf_counter()
+        error, sent = None, 0
+        if sender:
+            error = self._attempt(self.transport.init) or self._attempt(self.transport.start, version,
+                                                                        source.manifest())
+        ok = self._agree(error is None)
+        if ok:
+            for plan in source.buckets:
+                buffer = self.transport.buffer(plan.nbytes) if sender else None
+                source.fill(plan, buffer)  # collective on every rank
+                if sender:
+                    error = self._attempt(self.transport.send, Bucket(plan.index, plan.metas, buffer, plan.nbytes))
+                    sent += plan.nbytes if error is None else 0
+                if not self._agree(error is None):
+                    ok = False
+                    break
+            else:
+                if sender:
+                    error = self._attempt(self.transport.finish, version)
+                ok = self._agree(error is None)
+        seconds = time.perf_counter() - t0
+        if ok:
+            self.exported.append(version)
+            if sender:
+                logger.info(f"rollout: exported version {version} ({len(source.items)} tensors, "
+                            f"{source.total_bytes / 2**20:.1f} MiB in {len(source.buckets)} bucket(s)) in "
+                            f"{seconds:.2f}s ({source.total_bytes / max(seconds, 1e-9) / 2**30:.2f} GiB/s)")
+            return True
+        self.failed.append(version)
+        if sender:
+            if hasattr(self.transport, "abort"):
+                self.transport.abort(error or "failed")
+            self.transport.close()  # the next export reconnects from scratch
+            logger.warning(f"rollout: export of version {version} failed after {seconds:.2f}s "
+                           f"({sent / 2**20:.1f} MiB sent): {error or 'another rank failed'}; training continues, "
+                           f"next attempt at step {version + self.cfg.interval}")
+        if self.cfg.on_failure == "raise":
+            raise RolloutExportError(f"rollout: export of version {version} failed (rollout.on_failure = raise)")
+        return False
+
+    def close(self) -> None:
+        if getattr(self, "transport", None) is not None:
+            self.transport.close(notify=True)

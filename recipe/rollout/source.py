@@ -1,0 +1,105 @@
+"""Trainer side of the export: the model's weights as a stream of flat buckets.
+
+The bucket layout is planned once from names, global shapes and dtypes (no data moves), so every
+rank knows the whole sequence of gathers up front and the receivers can be told each bucket's
+metadata before its bytes. Filling a bucket gathers one parameter at a time: ``full_tensor()`` is
+a collective, so *every* trainer rank calls ``fill`` for every bucket in the same order; only the
+sending rank passes a buffer and keeps the result. Peak extra memory on the sender is the buffers
+in flight (the transport rotates at most two) plus the largest gathered parameter.
+
+Parameters are cast to the engine dtype *before* the gather (a sharded, elementwise cast), which
+halves the gather traffic for bf16 engines and gives the same bits as casting afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from recipe.rollout.adapters import ExportAdapter, ExportItem, clean_name
+from recipe.rollout.vllm_worker import TensorMeta, align, dtype_name
+
+
+@dataclass
+class BucketPlan:
+    index: int
+    entries: list[tuple[ExportItem, TensorMeta]]
+    nbytes: int
+
+    @property
+    def metas(self) -> list[TensorMeta]:
+        return [m for _, m in self.entries]
+
+
+@dataclass
+class Bucket:
+    """A filled bucket, as transports send it."""
+
+    index: int
+    metas: list[TensorMeta]
+    buffer: torch.Tensor  # uint8, at least ``nbytes`` long
+    nbytes: int
+
+
+def plan_buckets(items: list[ExportItem], bucket_bytes: int) -> list[BucketPlan]:
+    """Consecutive items packed into buckets of at most ``bucket_bytes`` (offsets aligned); an
+    item larger than a bucket gets a bucket of its own."""
+    if bucket_bytes <= 0:
+        raise ValueError("bucket size must be positive")
+    buckets: list[BucketPlan] = []
+    entries: list[tuple[ExportItem, TensorMeta]] = []
+    end = 0
+
+    def flush():
+        nonlocal entries, end
+        if entries:
+            buckets.append(BucketPlan(len(buckets), entries, end))
+        entries, end = [], 0
+
+    for item in items:
+        offset = align(end)
+        if entries and offset + item.nbytes > bucket_bytes:
+            flush()
+            offset = 0
+        meta = TensorMeta(item.name, dtype_name(item.dtype), tuple(item.shape), offset, item.nbytes)
+        entries.append((item, meta))
+        end = offset + item.nbytes
+        if item.nbytes >= bucket_bytes:  # oversize (or exactly full): nothing else fits after it
+            flush()
+    flush()
+    return buckets
+
+
+class WeightSource:
+    """The export plan of one model; ``fill`` streams it bucket by bucket (collective)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: ExportAdapter, bucket_bytes: int):
+        self.params = {clean_name(n): p for n, p in model.named_parameters()}
+        self.items = adapter.plan({n: tuple(p.shape) for n, p in self.params.items()})
+        self.buckets = plan_buckets(self.items, bucket_bytes)
+        self.total_bytes = sum(it.nbytes for it in self.items)
+        self.max_bucket_bytes = max((b.nbytes for b in self.buckets), default=0)
+
+    def manifest(self) -> list[TensorMeta]:
+        """Every tensor of one version, in send order (vLLM's weight-transfer API wants this up front)."""
+        return [m for b in self.buckets for m in b.metas]
+
+    def gather(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        p = self.params[name].detach()
+        if p.dtype != dtype:
+            p = p.to(dtype)
+        return p.full_tensor() if isinstance(p, DTensor) else p
+
+    @torch.no_grad()
+    def fill(self, plan: BucketPlan, out: torch.Tensor | None) -> None:
+        """Gather the bucket's parameters (on every rank) and, given ``out``, pack them into it."""
+        for item, meta in plan.entries:
+            tensor = item.build([self.gather(s, item.dtype) for s in item.sources])
+            if tuple(tensor.shape) != meta.shape or tensor.dtype != item.dtype:
+                raise RuntimeError(f"rollout: {item.name} came out {tuple(tensor.shape)} {tensor.dtype}, "
+                                   f"planned {meta.shape} {item.dtype}")
+            if out is not None:
+                out[meta.offset:meta.offset + meta.nbytes].view(item.dtype).view(meta.shape).copy_(tensor)
+            del tensor

@@ -1,0 +1,471 @@
+"""Transports: how the sending trainer rank moves buckets to the engine.
+
+All share one small interface, used only on the sending rank (global rank 0):
+
+    init()                 connect (idempotent; after a failure the hook calls close() and the
+                           next init() starts a fresh connection)
+    start(version, manifest)
+    buffer(nbytes)         a flat uint8 buffer to pack the next bucket into
+    send(bucket)
+    finish(version)        raises unless every receiver applied the whole version
+    close()
+
+``gloo``, ``nccl`` and ``ipc`` speak flare's protocol (``vllm_worker.py``) to flare receivers
+(the reference receiver or vLLM workers running ``FlareWorkerExtension``): rendezvous on the
+receivers' TCPStore and groups of their own, never the trainer's default group. ``vllm`` drives
+vLLM's native weight-transfer API instead (its NCCL engine and HTTP control routes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from recipe.rollout.source import Bucket
+from recipe.rollout.vllm_worker import (
+    PROTOCOL_VERSION,
+    TensorMeta,
+    agree,
+    ipc_handle,
+    make_groups,
+    send_obj,
+    shutdown_group,
+)
+
+logger = logging.getLogger(__name__)
+
+# vLLM releases whose weight-transfer API (four-phase control plane + static NCCL trainer helpers)
+# the `vllm` transport is written against; see docs/rollout.md.
+VLLM_SUPPORTED = ">=0.25,<0.29"
+
+
+class TransportError(RuntimeError):
+    """The transfer failed (receiver gone, timeout, rejected version); training continues."""
+
+
+class Transport:
+    name = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.timeout = timedelta(seconds=cfg.timeout_s)
+
+    def init(self) -> None:
+        raise NotImplementedError
+
+    def start(self, version: int, manifest: list[TensorMeta]) -> None:
+        raise NotImplementedError
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def send(self, bucket: Bucket) -> None:
+        raise NotImplementedError
+
+    def finish(self, version: int) -> None:
+        raise NotImplementedError
+
+    def close(self, notify: bool = False) -> None:
+        """Drop the connection; with ``notify``, tell the receivers training has ended."""
+
+
+def _probe(address: str, port: int) -> None:
+    """Fail at once when nothing listens (a TCPStore client would retry until the timeout)."""
+    try:
+        with socket.create_connection((address, port), timeout=5):
+            pass
+    except OSError as e:
+        raise TransportError(f"no rollout receiver listening on {address}:{port} ({e})") from None
+
+
+class GroupTransport(Transport):
+    """flare's protocol over groups built on the receivers' store; gloo moves data itself."""
+
+    name = "gloo"
+    backend = "gloo"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.world_size = 1 + cfg.engine_world_size
+        self.store = self.ctl = self.data = None
+        self.n_started = 0
+
+    def init(self) -> None:
+        if self.ctl is not None:
+            return
+        cfg = self.cfg
+        _probe(cfg.engine_address, cfg.engine_port)
+        t0 = time.perf_counter()
+        try:
+            self.store = dist.TCPStore(cfg.engine_address, cfg.engine_port, is_master=False, timeout=self.timeout,
+                                       wait_for_workers=False)
+            if self.store.check(["flare/world_size"]):
+                theirs = int(self.store.get("flare/world_size"))
+                if theirs != self.world_size:
+                    raise TransportError(f"the engine has {theirs - 1} receiving rank(s), rollout.engine_world_size "
+                                         f"is {self.world_size - 1}")
+            gen = int(self.store.add("flare/gen", 1))
+            self.prefix = f"flare/g{gen}/"
+            # Blocks until every receiver rank has joined, at most the group timeout.
+            self.ctl, self.data = make_groups(self.store, self.prefix, 0, self.world_size, self.backend, self.timeout)
+            send_obj(self.ctl, {"op": "hello", "protocol": PROTOCOL_VERSION, "backend": self.backend})
+        except Exception as e:
+            self.close()
+            raise TransportError(f"rendezvous with {self.world_size - 1} receiver rank(s) on "
+                                 f"{cfg.engine_address}:{cfg.engine_port} failed: {e}") from e
+        self.n_started = 0
+        logger.info(f"rollout: connected to {self.world_size - 1} receiver rank(s) over {self.name} "
+                    f"(generation {gen}, {time.perf_counter() - t0:.1f}s)")
+
+    def start(self, version: int, manifest: list[TensorMeta]) -> None:
+        self.n_started += 1
+        # Receivers idle on this key between versions, not in a collective (no timeout while training).
+        self.store.set(f"{self.prefix}start{self.n_started}", "1")
+        send_obj(self.ctl, {"op": "start", "version": version, "n_tensors": len(manifest)})
+
+    def send(self, bucket: Bucket) -> None:
+        send_obj(self.ctl, self._bucket_msg(bucket))
+        self._send_data(bucket)
+
+    def _bucket_msg(self, bucket: Bucket) -> dict:
+        return {"op": "bucket", "index": bucket.index, "nbytes": bucket.nbytes,
+                "tensors": [m.to_wire() for m in bucket.metas]}
+
+    def _send_data(self, bucket: Bucket) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.data.broadcast([bucket.buffer[:bucket.nbytes]], opts).wait()
+
+    def finish(self, version: int) -> None:
+        send_obj(self.ctl, {"op": "finish", "version": version})
+        if not agree(self.ctl, True):
+            raise TransportError(f"a receiver rejected version {version} (see the receiver's log)")
+
+    def abort(self, reason: str) -> None:
+        """Tell receivers to drop the partial version, if the control group still works."""
+        if self.ctl is not None:
+            try:
+                send_obj(self.ctl, {"op": "abort", "reason": reason})
+            except Exception:  # noqa: BLE001 - the group is already broken; close() follows
+                pass
+
+    def close(self, notify: bool = False) -> None:
+        if notify and self.ctl is not None:
+            try:
+                # Receivers idle on the store between versions: wake them as for a version.
+                self.n_started += 1
+                self.store.set(f"{self.prefix}start{self.n_started}", "1")
+                send_obj(self.ctl, {"op": "close"})
+            except Exception:  # noqa: BLE001
+                pass
+        for pg in {id(p): p for p in (self.ctl, self.data) if p is not None}.values():
+            shutdown_group(pg)
+        self.ctl = self.data = self.store = None
+
+
+class NcclTransport(GroupTransport):
+    """Flat GPU buckets broadcast on a dedicated NCCL group, two buffers in rotation: while
+    bucket k is being broadcast (NCCL's stream), bucket k+1 is gathered and packed into the other
+    buffer (compute stream). A buffer is reused only after its previous broadcast completed."""
+
+    name = "nccl"
+    backend = "nccl"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.slots: list[torch.Tensor | None] = [None, None]
+        self.works: list = [None, None]
+        self.turn = 0
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        i = self.turn
+        self.turn ^= 1
+        self._wait(i)
+        if self.slots[i] is None or self.slots[i].numel() < nbytes:
+            self.slots[i] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        return self.slots[i]
+
+    def _wait(self, i: int) -> None:
+        work, self.works[i] = self.works[i], None
+        if work is None:
+            return
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not work.is_completed():  # bounded host wait: a dead receiver must not hang us
+            if time.monotonic() > deadline:
+                raise TransportError(f"NCCL broadcast did not complete within {self.cfg.timeout_s}s")
+            time.sleep(0.001)
+        work.wait()  # raises if the communicator was aborted
+
+    def _send_data(self, bucket: Bucket) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        # Async: ProcessGroupNCCL orders the broadcast after the packing copies on this stream.
+        work = self.data.broadcast([bucket.buffer[:bucket.nbytes]], opts)
+        slot = next(i for i, s in enumerate(self.slots) if s is not None and s.data_ptr() == bucket.buffer.data_ptr())
+        self.works[slot] = work
+
+    def finish(self, version: int) -> None:
+        for i in range(2):
+            self._wait(i)
+        self.slots = [None, None]  # back to the allocator for training; not held between exports
+        super().finish(version)
+
+    def close(self, notify: bool = False) -> None:
+        super().close(notify)
+        self.slots, self.works = [None, None], [None, None]
+
+
+class IpcTransport(GroupTransport):
+    """Colocated engine: buckets stay in the trainer's GPU memory and receivers map them through
+    CUDA IPC handles. Each bucket is acknowledged after the receivers copied it; a buffer is
+    refilled only after the ack of the bucket that used it (two buffers in rotation, so the
+    receivers load bucket k while the trainer gathers bucket k+1)."""
+
+    name = "ipc"
+    backend = "ipc"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.slots: list[torch.Tensor | None] = [None, None]
+        self.turn = 0
+        self.unacked = False
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        i = self.turn
+        self.turn ^= 1
+        # Slot i was last used by bucket k-2, acknowledged before bucket k-1 was sent.
+        if self.slots[i] is None or self.slots[i].numel() < nbytes:
+            self.slots[i] = None
+            torch.cuda.ipc_collect()  # a replaced buffer may still be mapped by a receiver
+            self.slots[i] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        return self.slots[i]
+
+    def _collect_ack(self) -> None:
+        if self.unacked:
+            self.unacked = False
+            if not agree(self.ctl, True):
+                raise TransportError("a receiver failed to load a bucket (see the receiver's log)")
+
+    def send(self, bucket: Bucket) -> None:
+        torch.cuda.current_stream().synchronize()  # packed bytes visible to the other process
+        self._collect_ack()  # receivers are done with bucket k-1: its buffer may be refilled next
+        msg = self._bucket_msg(bucket)
+        msg["ipc"] = ipc_handle(bucket.buffer)
+        send_obj(self.ctl, msg)
+        self.unacked = True
+
+    def _send_data(self, bucket: Bucket) -> None:  # the handle is the data
+        pass
+
+    def finish(self, version: int) -> None:
+        self._collect_ack()
+        super().finish(version)
+        self._release()
+
+    def _release(self) -> None:
+        self.slots = [None, None]
+        torch.cuda.ipc_collect()  # free buffers whose last receiver mapping is now closed
+
+    def close(self, notify: bool = False) -> None:
+        super().close(notify)
+        self.unacked = False
+        if torch.cuda.is_available():
+            self._release()
+
+
+# --------------------------------------------------------------------------- vLLM native API
+
+
+class VLLMHttpClient:
+    """vLLM's weight-sync control plane over its HTTP routes (``vllm serve`` with
+    ``VLLM_SERVER_DEV_MODE=1 --weight-transfer-config '{"backend": "nccl"}'``)."""
+
+    def __init__(self, base_url: str, timeout_s: float):
+        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+
+    def _call(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.base_url}/{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+            text = resp.read().decode()
+        return json.loads(text) if text else None
+
+    def get_world_size(self) -> int:
+        return int(self._call("GET", "get_world_size")["world_size"])
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._call("POST", "init_weight_transfer_engine", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._call("POST", "start_weight_update", {"is_checkpoint_format": True})
+
+    def update_weights(self, update_info: dict, timeout_s: float) -> None:
+        self._call("POST", "update_weights", {"update_info": update_info}, timeout_s=timeout_s)
+
+    def finish_weight_update(self) -> None:
+        self._call("POST", "finish_weight_update", {})
+
+    def reset_prefix_cache(self) -> None:
+        self._call("POST", "reset_prefix_cache")
+
+    def wake_up(self, tags: list[str]) -> None:
+        self._call("POST", "wake_up?" + "&".join(f"tags={t}" for t in tags))
+
+
+def _import_vllm_nccl():
+    try:
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerSendWeightsArgs,
+            NCCLWeightTransferEngine,
+        )
+    except ImportError as e:
+        raise TransportError(f"rollout.transport='vllm' needs vllm{VLLM_SUPPORTED} installed in the trainer's "
+                             f"environment ({e})") from None
+    if not hasattr(NCCLWeightTransferEngine, "trainer_send_weights"):
+        raise TransportError(f"this vLLM has no NCCLWeightTransferEngine.trainer_send_weights; flare targets "
+                             f"vllm{VLLM_SUPPORTED} (see docs/rollout.md)")
+    return NCCLWeightTransferEngine, NCCLTrainerSendWeightsArgs
+
+
+def _local_ip_towards(address: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((address, 9))  # no packet is sent: this only picks the outgoing interface
+        return s.getsockname()[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class VLLMTransport(Transport):
+    """vLLM's own weight-transfer engine: HTTP control plane (init/start/update/finish), NCCL data
+    plane with vLLM's packed producer. vLLM packs tensors itself, so buckets are unpacked into
+    (name, tensor) views and fed to its producer thread through a bounded queue."""
+
+    name = "vllm"
+
+    def __init__(self, cfg, client=None):
+        super().__init__(cfg)
+        self.client = client or VLLMHttpClient(f"http://{cfg.engine_address}:{cfg.engine_port}", cfg.timeout_s)
+        self.group = None
+        self.bucket_bytes = max(int(cfg.bucket_mb * 2**20), 1)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+    def init(self) -> None:
+        if self.group is not None:
+            return
+        engine, _ = _import_vllm_nccl()
+        cfg = self.cfg
+        world = self.client.get_world_size() + 1
+        if world - 1 != cfg.engine_world_size:
+            raise TransportError(f"vLLM reports {world - 1} workers, rollout.engine_world_size is "
+                                 f"{cfg.engine_world_size}")
+        info = {"master_address": _local_ip_towards(cfg.engine_address), "master_port": _free_port(),
+                "world_size": world}
+        # The engine joins from inside the HTTP call while the trainer joins here: run both at once.
+        errors: list[BaseException] = []
+        call = threading.Thread(target=self._guard(errors, self.client.init_weight_transfer_engine),
+                                args=({**info, "rank_offset": 1},), daemon=True)
+        call.start()
+        self.group = engine.trainer_init(info)
+        call.join(cfg.timeout_s)
+        if call.is_alive() or errors:
+            self.group = None
+            raise TransportError(f"vLLM init_weight_transfer_engine failed: {errors or 'timeout'}")
+
+    @staticmethod
+    def _guard(errors, fn):
+        def run(*args, **kwargs):
+            try:
+                fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - reported by the caller
+                errors.append(e)
+        return run
+
+    def start(self, version: int, manifest: list[TensorMeta]) -> None:
+        engine, args_cls = _import_vllm_nccl()
+        if self.cfg.placement == "colocated":
+            self.client.wake_up(["weights"])
+        self.client.start_weight_update()
+        update = {"names": [m.name for m in manifest], "dtype_names": [m.dtype for m in manifest],
+                  "shapes": [list(m.shape) for m in manifest], "packed": True,
+                  "packed_buffer_size_bytes": self.bucket_bytes, "packed_num_buffers": 2}
+        self.errors: list[BaseException] = []
+        self.update_call = threading.Thread(
+            target=self._guard(self.errors, self.client.update_weights), args=(update, self.cfg.timeout_s), daemon=True)
+        self.update_call.start()
+        self.queue: queue.Queue = queue.Queue(maxsize=1)  # back-pressure: one bucket ahead at most
+
+        def tensors():
+            while (item := self.queue.get()) is not None:
+                yield from item
+
+        def produce():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.device)
+            engine.trainer_send_weights(tensors(), args_cls(group=self.group, packed=True,
+                                                            packed_buffer_size_bytes=self.bucket_bytes,
+                                                            packed_num_buffers=2))
+
+        self.producer = threading.Thread(target=self._guard(self.errors, produce), daemon=True)
+        self.producer.start()
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        # A fresh buffer per bucket: vLLM's producer may still read the previous one.
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def send(self, bucket: Bucket) -> None:
+        from recipe.rollout.vllm_worker import unpack
+
+        if self.errors:
+            raise TransportError(f"vLLM transfer failed: {self.errors[0]}")
+        try:
+            self.queue.put(list(unpack(bucket.buffer, bucket.metas)), timeout=self.cfg.timeout_s)
+        except queue.Full:
+            raise TransportError(f"vLLM producer made no progress in {self.cfg.timeout_s}s") from None
+
+    def finish(self, version: int) -> None:
+        self.queue.put(None, timeout=self.cfg.timeout_s)
+        for thread in (self.producer, self.update_call):
+            thread.join(self.cfg.timeout_s)
+            if thread.is_alive():
+                raise TransportError(f"vLLM weight update did not complete within {self.cfg.timeout_s}s")
+        if self.errors:
+            raise TransportError(f"vLLM transfer failed: {self.errors[0]}")
+        self.client.finish_weight_update()
+        self.client.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self.cfg.placement == "colocated":
+            self.client.wake_up(["kv_cache"])
+
+    def close(self, notify: bool = False) -> None:
+        q = getattr(self, "queue", None)
+        if q is not None:
+            try:
+                q.put_nowait(None)  # let a producer blocked on an abandoned update return
+            except queue.Full:
+                pass
+        # vLLM's communicator is released with its last reference; the engine side of an
+        # abandoned update ends on its own timeout, and the next init() starts a new group.
+        self.group = None
+
+
+TRANSPORTS = {"gloo": GroupTransport, "nccl": NcclTransport, "ipc": IpcTransport, "vllm": VLLMTransport}
+
+
+def build_transport(cfg) -> Transport:
+    try:
+        return TRANSPORTS[cfg.transport](cfg)
+    except KeyError:
+        raise ValueError(f"rollout.transport={cfg.transport!r}: use one of {sorted(TRANSPORTS)}") from None

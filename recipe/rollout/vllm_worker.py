@@ -1,0 +1,473 @@
+"""Receiving end of flare's weight export: the wire protocol, and a vLLM worker extension.
+
+This module imports nothing from flare (only torch; vLLM lazily) so it can be shipped on its own
+into a vLLM deployment: ``LLM(..., worker_extension_cls="recipe.rollout.vllm_worker.FlareWorkerExtension")``
+or ``vllm serve ... --worker-extension-cls recipe.rollout.vllm_worker.FlareWorkerExtension``.
+flare's sender (``recipe/rollout/transports.py``) and reference receiver (``receiver.py``) import
+the protocol from here, so there is exactly one copy of it.
+
+Protocol (transfer group: the trainer's sending rank is rank 0, receivers are ranks 1..R):
+
+* The receivers host the rendezvous ``TCPStore`` (engine rank 0 listens on the engine address/port).
+  A trainer connects as a client and bumps ``flare/gen``; every receiver that sees a new
+  generation builds the groups under the prefix ``flare/g<gen>/``. A dead or restarted peer is
+  therefore handled by starting a new generation, never by reusing a broken group.
+* Control messages are JSON broadcast from rank 0 on a gloo group (CPU, with timeouts):
+  ``start`` → ``bucket``* → ``finish`` (or ``abort``), and ``close`` when the trainer ends.
+  JSON, not pickle: a receiver must not execute what arrives on a socket.
+* Receivers idle on the store between versions (``flare/g<gen>/start<n>`` keys), not inside a
+  collective, so a long training interval never trips a collective timeout.
+* A bucket is one flat ``uint8`` buffer plus its metadata list (name, dtype, shape, offset, nbytes),
+  the metadata sent first. Data goes over the gloo group (``gloo``), a separate NCCL group
+  (``nccl``), or as a CUDA IPC handle of the trainer's buffer (``ipc``), acknowledged per bucket so
+  the trainer never overwrites a buffer a receiver is still reading.
+* ``finish`` ends with an all-reduce(MIN) of every rank's status: the version counts as applied
+  only if every receiver applied every bucket.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+ALIGN = 64  # byte alignment of tensors in a bucket: any dtype view of a slice is legal
+_POLL_S = 0.05
+
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8",
+                 "bool", "float8_e4m3fn", "float8_e5m2")
+    if hasattr(torch, name)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype '{name}' in a weight bucket") from None
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives in a bucket's flat buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    def to_wire(self) -> list:
+        return [self.name, self.dtype, list(self.shape), self.offset, self.nbytes]
+
+    @classmethod
+    def from_wire(cls, item: list) -> "TensorMeta":
+        name, dtype, shape, offset, nbytes = item
+        return cls(name, dtype, tuple(shape), int(offset), int(nbytes))
+
+
+def unpack(buffer: torch.Tensor, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views of the tensors packed in ``buffer`` (no copy): what ``load_weights`` receives."""
+    for m in metas:
+        view = buffer[m.offset:m.offset + m.nbytes].view(dtype_from_name(m.dtype))
+        yield m.name, view.view(m.shape)
+
+
+# --------------------------------------------------------------------------- control channel
+
+
+def _bcast(pg, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+def send_obj(pg, obj: dict) -> None:
+    """Rank 0: broadcast a JSON message on the (gloo) control group."""
+    data = json.dumps(obj).encode()
+    _bcast(pg, torch.tensor([len(data)], dtype=torch.int64))
+    _bcast(pg, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def recv_obj(pg) -> dict:
+    n = torch.zeros(1, dtype=torch.int64)
+    _bcast(pg, n)
+    data = torch.empty(int(n.item()), dtype=torch.uint8)
+    _bcast(pg, data)
+    return json.loads(bytes(data.numpy()))
+
+
+def agree(pg, ok: bool) -> bool:
+    """All-reduce(MIN) of every rank's status on the control group: True only if all are ok."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MIN
+    pg.allreduce([flag], opts).wait()
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def _nccl_errors_do_not_kill_the_process():
+    """ProcessGroupNCCL reads TORCH_NCCL_ASYNC_ERROR_HANDLING when it is constructed; the default (3)
+    tears the whole process down when a collective times out. A transfer group whose peer died
+    must instead fail its work (mode 2: abort the communicator only), so the trainer or engine
+    survives and reconnects. The variable is restored right after construction."""
+    old = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_NCCL_ASYNC_ERROR_HANDLING", None)
+        else:
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = old
+
+
+def make_groups(store, prefix: str, rank: int, world_size: int, backend: str, timeout: timedelta):
+    """(control gloo group, data group) for one generation, built directly on the store: never the
+    process's default group, which belongs to the trainer (or the engine)."""
+    ctl = dist.ProcessGroupGloo(dist.PrefixStore(prefix + "ctl/", store), rank, world_size, timeout)
+    if backend == "gloo":
+        return ctl, ctl
+    if backend == "nccl":
+        nccl = getattr(dist, "ProcessGroupNCCL", None)
+        if nccl is None:
+            raise RuntimeError("rollout transport 'nccl' needs a CUDA build of torch")
+        opts = nccl.Options()
+        opts._timeout = timeout
+        with _nccl_errors_do_not_kill_the_process():
+            data = nccl(dist.PrefixStore(prefix + "data/", store), rank, world_size, opts)
+        return ctl, data
+    if backend == "ipc":
+        return ctl, None  # data moves through CUDA IPC handles sent on the control group
+    raise ValueError(f"unknown transport backend '{backend}'")
+
+
+def shutdown_group(pg) -> None:
+    """Release a transfer group. NCCL communicators are aborted (a peer may be gone, and an
+    abort never waits for it); gloo groups just lose their last reference: their abort waits
+    for in-flight work up to the timeout, which is exactly what a dead peer turns into a stall."""
+    if pg is not None and pg.name().lower() == "nccl":
+        with contextlib.suppress(Exception):
+            pg.abort()
+
+
+# --------------------------------------------------------------------------- CUDA IPC handles
+
+
+def ipc_handle(buffer: torch.Tensor) -> dict:
+    """A JSON-able CUDA IPC handle of ``buffer`` (``reduce_tensor``'s fields, bytes in base64).
+
+    Each call takes one reference on the producer's IPC ref-counter; the consumer releases it in
+    ``open_ipc_handle``. The device is also named by UUID because the consumer may see the GPU
+    under another index (CUDA_VISIBLE_DEVICES differs between trainer and engine processes)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(buffer)
+    (_, size, stride, offset, _, dtype, device, handle, storage_bytes, storage_offset,
+     _, ref_handle, ref_offset, event_handle, event_sync) = args
+    b64 = lambda b: None if b is None else base64.b64encode(b).decode()  # noqa: E731
+    return {
+        "size": list(size), "stride": list(stride), "offset": offset, "dtype": dtype_name(dtype),
+        "device": device, "uuid": str(torch.cuda.get_device_properties(device).uuid),
+        "handle": b64(handle), "storage_bytes": storage_bytes, "storage_offset": storage_offset,
+        "ref_handle": b64(ref_handle), "ref_offset": ref_offset,
+        "event_handle": b64(event_handle), "event_sync": event_sync,
+    }
+
+
+def open_ipc_handle(h: dict) -> torch.Tensor:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    device = h["device"]
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == h["uuid"]:
+            device = i
+            break
+    d = lambda s: None if s is None else base64.b64decode(s)  # noqa: E731
+    return rebuild_cuda_tensor(
+        torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), h["offset"], torch.storage.TypedStorage,
+        dtype_from_name(h["dtype"]), device, d(h["handle"]), h["storage_bytes"], h["storage_offset"],
+        False, d(h["ref_handle"]), h["ref_offset"], d(h["event_handle"]), h["event_sync"],
+    )
+
+
+# --------------------------------------------------------------------------- receiving endpoint
+
+
+class TransferAborted(RuntimeError):
+    """The trainer abandoned the version being received (its weights are partially applied)."""
+
+
+class TrainerClosed(RuntimeError):
+    """The trainer ended the connection (end of training)."""
+
+
+class ReceiverEndpoint:
+    """One receiving rank: joins trainer connections and applies complete versions.
+
+    ``rank`` is this process's rank in the transfer group (1..world_size-1); rank 1 hosts the
+    rendezvous store on (address, port). ``receive()`` blocks until one version has been fully
+    applied with ``load_weights`` and returns its number.
+    """
+
+    def __init__(self, address: str, port: int, rank: int, world_size: int, *, backend: str = "gloo",
+                 timeout_s: float = 600.0, device: torch.device | str | None = None):
+        if not 1 <= rank < world_size:
+            raise ValueError(f"receiver rank {rank} must be in [1, {world_size}) (rank 0 is the trainer)")
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.timeout = timedelta(seconds=timeout_s)
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if backend in ("nccl", "ipc") else torch.device("cpu"))
+        # The store outlives trainer connections; it only listens, so waiting here is cheap.
+        self.store = dist.TCPStore(address, port, is_master=rank == 1, timeout=timedelta(days=365),
+                                   wait_for_workers=False)
+        if rank == 1:  # lets a trainer configured for another engine size fail with a clear message
+            self.store.set("flare/world_size", str(world_size))
+        self.gen = 0
+        self._ipc_mapped: dict[str, torch.Tensor] = {}
+        self.ctl = self.data = None
+        self.n_started = 0
+        self.version: int | None = None  # last completely applied version
+        self.dirty = False  # a version was partially applied and not completed
+
+    # ---- connection handling
+
+    def _current_gen(self) -> int:
+        return int(self.store.add("flare/gen", 0))
+
+    def _unmap(self) -> None:
+        if self._ipc_mapped:
+            self._ipc_mapped.clear()
+            torch.cuda.ipc_collect()
+
+    def _drop(self) -> None:
+        self._unmap()
+        for pg in {id(p): p for p in (self.ctl, self.data) if p is not None}.values():
+            shutdown_group(pg)
+        self.ctl = self.data = None
+
+    def _join(self, deadline: float | None) -> bool:
+        """Wait for a trainer generation newer than the last one seen, then build its groups."""
+        while True:
+            gen = self._current_gen()
+            if gen > self.gen:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(_POLL_S)
+        self.gen, self.n_started = gen, 0
+        prefix = f"flare/g{gen}/"
+        try:
+            self.ctl, self.data = make_groups(self.store, prefix, self.rank, self.world_size, self.backend,
+                                              self.timeout)
+            hello = recv_obj(self.ctl)
+        except Exception as e:  # noqa: BLE001 - a trainer that vanished during rendezvous
+            logger.warning(f"rollout receiver rank {self.rank}: joining generation {gen} failed: {e}")
+            self._drop()
+            return True
+        if hello.get("protocol") != PROTOCOL_VERSION or hello.get("backend") != self.backend:
+            logger.error(f"rollout receiver rank {self.rank}: trainer speaks {hello}, this receiver expects "
+                         f"protocol {PROTOCOL_VERSION} over {self.backend}; dropping the connection")
+            self._drop()
+        else:
+            logger.info(f"rollout receiver rank {self.rank}: connected to trainer (generation {gen})")
+        return True
+
+    def _wait_start(self, deadline: float | None) -> bool:
+        """Idle on the store (not in a collective) until the trainer starts the next version."""
+        key = f"flare/g{self.gen}/start{self.n_started + 1}"
+        while not self.store.check([key]):
+            if self._current_gen() > self.gen:  # the trainer reconnected: this group is stale
+                self._drop()
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(_POLL_S)
+        self.n_started += 1
+        return True
+
+    # ---- receiving
+
+    def receive(self, load_weights: Callable[[Iterable[tuple[str, torch.Tensor]]], object], *,
+                start: Callable[[int], None] | None = None, finish: Callable[[int], None] | None = None,
+                abort: Callable[[int], None] | None = None, wait_s: float | None = None) -> int | None:
+        """Apply the next complete version; returns its number (None if ``wait_s`` elapsed first).
+
+        ``start``/``finish`` bracket a version (``finish`` may raise to reject it, e.g. when a
+        weight is missing); ``abort`` is called when a version ends incomplete. Failed or aborted
+        versions are logged and the endpoint keeps waiting for the next one.
+        """
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            if self.ctl is None:
+                if not self._join(deadline):
+                    return None
+                if self.ctl is None:
+                    continue
+            if not self._wait_start(deadline):
+                if self.ctl is not None:
+                    return None  # deadline
+                continue
+            try:
+                version = self._receive_version(load_weights, start, finish)
+            except TrainerClosed:
+                logger.info(f"rollout receiver rank {self.rank}: trainer closed the connection")
+                self._drop()
+                raise
+            except TransferAborted as e:
+                self.dirty = True
+                logger.warning(f"rollout receiver rank {self.rank}: {e}")
+                if abort is not None:
+                    abort(-1)
+                continue
+            except Exception as e:  # noqa: BLE001 - a broken group: wait for a new connection
+                self.dirty = True
+                logger.warning(f"rollout receiver rank {self.rank}: transfer failed ({type(e).__name__}: {e}); "
+                               "waiting for the trainer to reconnect")
+                self._drop()
+                if abort is not None:
+                    abort(-1)
+                continue
+            if version is not None:
+                self.version, self.dirty = version, False
+                return version
+
+    def _receive_version(self, load_weights, start, finish) -> int | None:
+        msg = recv_obj(self.ctl)
+        if msg["op"] == "close":
+            raise TrainerClosed()
+        if msg["op"] != "start":
+            raise RuntimeError(f"protocol error: expected 'start', got '{msg['op']}'")
+        version = int(msg["version"])
+        self.dirty = True
+        error = None
+        try:
+            if start is not None:
+                start(version)
+        except Exception as e:  # noqa: BLE001 - report through the final status, stay in step
+            error = e
+        while True:
+            msg = recv_obj(self.ctl)
+            op = msg["op"]
+            if op == "bucket":
+                error = self._receive_bucket(msg, load_weights, error)
+            elif op == "finish":
+                if self.device.type == "cuda":  # the copies into the weights are done before we ack
+                    torch.cuda.current_stream(self.device).synchronize()
+                self._unmap()  # before the ack: the producer frees its buffers right after it
+                if error is None and finish is not None:
+                    try:
+                        finish(version)
+                    except Exception as e:  # noqa: BLE001
+                        error = e
+                if error is not None:
+                    logger.error(f"rollout receiver rank {self.rank}: version {version} rejected: {error}")
+                if not agree(self.ctl, error is None):
+                    if error is None:
+                        logger.warning(f"rollout receiver rank {self.rank}: version {version} failed on another rank")
+                    return None
+                return version
+            elif op == "abort":
+                self._unmap()
+                raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
+            elif op == "close":
+                raise TrainerClosed()
+            else:
+                raise RuntimeError(f"protocol error: unexpected message '{op}'")
+
+    def _receive_bucket(self, msg: dict, load_weights, error):
+        metas = [TensorMeta.from_wire(t) for t in msg["tensors"]]
+        nbytes = int(msg["nbytes"])
+        if self.backend == "ipc":
+            mapped = open_ipc_handle(msg["ipc"])
+            # Keep the mapping for the rest of the version: the trainer rotates two buffers, and a
+            # live mapping makes the next open of the same handle a cache hit instead of a new
+            # cudaIpcOpenMemHandle (slow, above all across GPUs).
+            self._ipc_mapped[f'{msg["ipc"]["handle"]}@{msg["ipc"]["storage_offset"]}'] = mapped  # torch's cache key
+            if error is None:
+                try:
+                    load_weights(list(unpack(mapped[:nbytes], metas)))
+                    torch.cuda.current_stream().synchronize()  # copies done before the producer reuses it
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            agree(self.ctl, error is None)  # the ack that lets the producer refill this buffer
+            return error
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        _bcast(self.data, buffer)  # always take part, even after an error, to stay in step
+        if error is None:
+            try:
+                load_weights(list(unpack(buffer, metas)))
+            except Exception as e:  # noqa: BLE001
+                error = e
+        return error
+
+    def close(self) -> None:
+        self._drop()
+
+
+# --------------------------------------------------------------------------- vLLM worker extension
+
+
+class FlareWorkerExtension:
+    """vLLM ``worker_extension_cls``: methods the driver calls on every worker with
+    ``llm.collective_rpc(name, args=...)`` (offline ``LLM``) or the engine client's equivalent.
+
+    1. ``collective_rpc("flare_connect", args=(address, port, backend, timeout_s))`` once: worker
+       global rank w joins the transfer group as rank 1 + w; worker 0 hosts the store, so
+       ``address`` must be reachable by the trainer (the trainer's ``rollout.engine_address``).
+    2. ``collective_rpc("flare_receive", args=(wait_s,))`` returns, on every worker, the version
+       it applied through ``self.model_runner.model.load_weights`` (None on timeout).
+    3. The driver then calls ``llm.reset_prefix_cache()``: cached KV blocks were computed by
+       the old weights.
+
+    ``rollout.engine_world_size`` on the trainer must equal the number of workers (TP x PP x DP).
+    Weights arrive in HF checkpoint names and vLLM's ``load_weights`` fuses q/k/v and gate/up and
+    takes its own TP shard. Only unquantized models: quantized ones need vLLM's layerwise reload
+    (use the trainer's ``vllm`` transport and vLLM's weight-transfer engine instead).
+    """
+
+    def flare_connect(self, address: str, port: int, backend: str = "nccl", timeout_s: float = 600.0) -> int:
+        parallel = self.vllm_config.parallel_config  # type: ignore[attr-defined]
+        world_per_dp = parallel.world_size
+        dp_rank = getattr(parallel, "data_parallel_rank", 0) or 0
+        worker_rank = dp_rank * world_per_dp + self.rank  # type: ignore[attr-defined]
+        n_workers = world_per_dp * (getattr(parallel, "data_parallel_size", 1) or 1)
+        self._flare = ReceiverEndpoint(address, int(port), 1 + worker_rank, 1 + n_workers, backend=backend,
+                                       timeout_s=timeout_s, device=self.device)  # type: ignore[attr-defined]
+        return worker_rank
+
+    def flare_receive(self, wait_s: float | None = None) -> int | None:
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        try:
+            return self._flare.receive(model.load_weights, wait_s=wait_s)
+        except TrainerClosed:
+            return None
+
+    def flare_weight_version(self) -> int | None:
+        return self._flare.version
+
+    def flare_close(self) -> None:
+        self._flare.close()

@@ -1,0 +1,364 @@
+"""Rollout export, in one process: adapters (names, dtypes, tied weights, fused layouts), bucket
+planning and packing, the reference engine's load_weights contract and TP forward, the wire
+protocol over real gloo groups on threads, and the vLLM transport against a fake vLLM."""
+
+import socket
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from recipe.model import build_model_on_meta, init_weights, load_model_config
+from recipe.rollout.adapters import fuse_qkv, get_export_adapter, layer_order
+from recipe.rollout.receiver import HFEngine, LlamaTPEngine, probe_batch
+from recipe.rollout.source import WeightSource, plan_buckets
+from recipe.rollout.transports import GroupTransport, TransportError, VLLMTransport
+from recipe.rollout.vllm_worker import ALIGN, ReceiverEndpoint, TrainerClosed, unpack
+
+FLA_FAMILIES = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2"]
+
+
+def tiny(family, **overrides):
+    cfg = load_model_config(f"configs/tiny/{family}.json")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def materialized(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = build_model_on_meta(cfg)
+    model.to_empty(device="cpu")
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()  # to_empty gives each module its own tensor
+    init_weights(model)
+    return model
+
+
+def export_all(model, adapter, bucket_bytes, engines):
+    """Stream the model through buckets into every engine rank, as a transport would."""
+    source = WeightSource(model, adapter, bucket_bytes)
+    for plan in source.buckets:
+        buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+        source.fill(plan, buf)
+        for engine in engines:
+            engine.load_weights(list(unpack(buf, plan.metas)))
+    return source
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+@pytest.mark.parametrize("family", FLA_FAMILIES + ["llama"])
+def test_every_checkpoint_weight_is_exported_once_in_layer_order(family):
+    cfg = tiny(family)
+    model = build_model_on_meta(cfg)
+    items = get_export_adapter(cfg, torch.bfloat16).plan({n: tuple(p.shape) for n, p in model.named_parameters()})
+    names = [it.name for it in items]
+    assert len(names) == len(set(names))
+    # What an HF checkpoint of this model holds (no persistent buffer is left out).
+    assert set(names) == set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    layers = [int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n]
+    assert layers == sorted(layers)
+    assert names[-1] == "lm_head.weight"
+
+
+def test_layer_order_sorts_blocks_numerically_and_keeps_the_rest_in_place():
+    names = ["lower_bounds", "emb", "m.layers.10.a", "m.layers.2.b", "m.layers.2.a", "norm", "lm_head"]
+    assert layer_order(names) == ["lower_bounds", "emb", "m.layers.2.b", "m.layers.2.a", "m.layers.10.a",
+                                  "norm", "lm_head"]
+
+
+def test_dtype_per_parameter():
+    cfg = tiny("gated_deltanet")
+    model = build_model_on_meta(cfg)
+    items = get_export_adapter(cfg, torch.bfloat16).plan({n: tuple(p.shape) for n, p in model.named_parameters()})
+    fp32 = {it.name for it in items if it.dtype == torch.float32}
+    assert fp32 == {f"model.layers.{i}.attn.{p}" for i in range(cfg.num_hidden_layers) for p in ("A_log", "dt_bias")}
+    assert all(it.dtype == torch.bfloat16 for it in items if it.name not in fp32)
+    # The packed bytes are the trainer's values cast per parameter.
+    model = materialized(cfg)
+    source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 30)
+    (plan,) = source.buckets
+    buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+    source.fill(plan, buf)
+    params = dict(model.named_parameters())
+    for name, t in unpack(buf, plan.metas):
+        expect = params[name].detach().to(torch.float32 if name in fp32 else torch.bfloat16)
+        assert t.dtype == expect.dtype and torch.equal(t, expect), name
+
+
+def test_tied_embeddings_are_sent_once_and_used_as_lm_head():
+    cfg = tiny("llama", tie_word_embeddings=True)
+    model = materialized(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    engine = LlamaTPEngine(cfg, torch.float32)
+    source = export_all(model, get_export_adapter(cfg, torch.float32), 1 << 30, [engine])
+    assert "lm_head.weight" not in [it.name for it in source.items]
+    engine.coverage.check()
+    ids = probe_batch(cfg.vocab_size)
+    assert torch.equal(engine.logits(ids), model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("n_kv", [2, 1])  # 1 KV head on 2 ranks: vLLM replicates it
+def test_fused_layout_gives_each_engine_rank_the_shards_hf_names_give(n_kv):
+    cfg = tiny("llama", num_key_value_heads=n_kv)
+    model = materialized(cfg)
+    via_names = [LlamaTPEngine(cfg, torch.float32, r, 2) for r in range(2)]
+    via_fused = [LlamaTPEngine(cfg, torch.float32, r, 2) for r in range(2)]
+    export_all(model, get_export_adapter(cfg, torch.float32), 1 << 20, via_names)
+    source = export_all(model, get_export_adapter(cfg, torch.float32, engine_tp=2, fused=True), 1 << 20, via_fused)
+    assert "model.layers.0.self_attn.qkv_proj.weight" in [it.name for it in source.items]
+    assert not any(".q_proj." in it.name or ".up_proj." in it.name for it in source.items)
+    for a, b in zip(via_names, via_fused):
+        a.coverage.check()
+        b.coverage.check()
+        assert a.params.keys() == b.params.keys()
+        for name in a.params:
+            assert torch.equal(a.params[name], b.params[name]), name
+
+
+def test_fused_qkv_layout_is_rank_after_rank():
+    hd, tp = 2, 2
+    q = torch.arange(4 * hd).view(-1, 1).float()  # 4 q heads
+    k = 100 + torch.arange(2 * hd).view(-1, 1).float()  # 2 kv heads
+    v = 200 + torch.arange(2 * hd).view(-1, 1).float()
+    fused = fuse_qkv(q, k, v, tp=tp, n_heads=4, n_kv=2, head_dim=hd).flatten().tolist()
+    assert fused == [0, 1, 2, 3, 100, 101, 200, 201, 4, 5, 6, 7, 102, 103, 202, 203]
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+@dataclass
+class Item:
+    name: str
+    nbytes: int
+    shape: tuple = (1,)
+    dtype: torch.dtype = torch.uint8
+
+
+def test_buckets_respect_the_size_and_give_oversize_tensors_their_own():
+    sizes = [100, 300, 50, 2000, 10, 10, 999, 1000, 1]
+    items = [Item(f"t{i}", n, (n,)) for i, n in enumerate(sizes)]
+    buckets = plan_buckets(items, 1000)
+    assert [m.name for b in buckets for m in b.metas] == [it.name for it in items]  # order kept
+    for b in buckets:
+        assert all(m.offset % ALIGN == 0 for m in b.metas)
+        assert b.nbytes == max(m.offset + m.nbytes for m in b.metas)
+        if len(b.metas) > 1:
+            assert b.nbytes <= 1000
+        else:
+            assert b.metas[0].offset == 0
+    assert [[m.name for m in b.metas] for b in buckets if b.nbytes > 1000] == [["t3"]]
+    assert ["t7"] in [[m.name for m in b.metas] for b in buckets]  # exactly one bucket's worth
+
+
+def test_packing_round_trips_bit_for_bit_across_dtypes():
+    cfg = tiny("gated_deltanet")
+    model = materialized(cfg)
+    engine = HFEngine(cfg, torch.bfloat16)
+    source = export_all(model, get_export_adapter(cfg, torch.bfloat16), 64 * 1024, [engine])
+    assert len(source.buckets) > 3 and max(b.nbytes for b in source.buckets) > 64 * 1024  # embeddings: oversize
+    engine.coverage.check()
+    trained = dict(model.named_parameters())
+    for name, p in engine.params.items():
+        assert torch.equal(p, trained[name].detach().to(p.dtype)), name
+
+
+# --------------------------------------------------------------------------- TP forward
+
+
+def hf_family(model_type):
+    """configs/tiny/llama.json as Qwen2 (q/k/v biases) or Qwen3 (per-head q/k norms)."""
+    import json
+
+    from transformers import AutoConfig
+
+    with open("configs/tiny/llama.json") as f:
+        values = json.load(f)
+    values.pop("model_type")
+    values.update(head_dim=64, attention_bias=False)
+    return AutoConfig.for_model(model_type, **values)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_tp2_engine_forward_matches_the_hf_model(model_type):
+    cfg = tiny("llama") if model_type == "llama" else hf_family(model_type)
+    model = materialized(cfg)
+    with torch.no_grad():  # HF initializes biases to 0 and norms to 1: perturb so every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if model_type == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    if model_type == "qwen3":
+        assert hasattr(model.model.layers[0].self_attn, "q_norm")
+    store, logits = dist.HashStore(), {}
+
+    def rank(r):
+        pg = dist.ProcessGroupGloo(store, r, 2, timedelta(seconds=60))
+        engine = LlamaTPEngine(cfg, torch.float32, r, 2, pg)
+        export_all(model, get_export_adapter(cfg, torch.float32), 1 << 18, [engine])
+        engine.coverage.check()
+        logits[r] = engine.logits(probe_batch(cfg.vocab_size))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    ref = model(input_ids=probe_batch(cfg.vocab_size)).logits
+    assert torch.equal(logits[0], logits[1])
+    torch.testing.assert_close(logits[0], ref, rtol=1e-5, atol=1e-5)  # sharded matmuls reorder sums
+
+
+def test_engine_rejects_unknown_names_and_wrong_dtypes():
+    cfg = tiny("llama")
+    engine = LlamaTPEngine(cfg, torch.bfloat16, 0, 2)
+    with pytest.raises(KeyError):
+        engine.load_weights([("model.layers.9.mlp.down_proj.weight", torch.zeros(128, 256, dtype=torch.bfloat16))])
+    with pytest.raises(TypeError):
+        engine.load_weights([("model.norm.weight", torch.zeros(128))])
+    engine.load_weights([("model.norm.weight", torch.ones(128, dtype=torch.bfloat16))] * 2)
+    with pytest.raises(RuntimeError, match="never written"):
+        engine.coverage.check()
+
+
+# --------------------------------------------------------------------------- protocol over gloo
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cfg:
+    engine_address: str = "127.0.0.1"
+    engine_port: int = 0
+    engine_world_size: int = 1
+    timeout_s: float = 20.0
+    bucket_mb: float = 0.25
+    placement: str = "disaggregated"
+
+
+def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
+    cfg = tiny("llama")
+    model = materialized(cfg)
+    port = free_port()
+    engine = LlamaTPEngine(cfg, torch.float32)
+    endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, timeout_s=20)
+    applied = []
+
+    def serve():
+        try:
+            while True:
+                applied.append(endpoint.receive(engine.load_weights, start=lambda v: engine.coverage.reset(),
+                                                finish=lambda v: engine.coverage.check()))
+        except TrainerClosed:
+            pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    transport = GroupTransport(Cfg(engine_port=port))
+    source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 18)
+
+    def send(version, plans):
+        transport.init()
+        transport.start(version, source.manifest())
+        for plan in plans:
+            buf = transport.buffer(plan.nbytes)
+            source.fill(plan, buf)
+            from recipe.rollout.source import Bucket
+            transport.send(Bucket(plan.index, plan.metas, buf, plan.nbytes))
+        transport.finish(version)
+
+    with pytest.raises(TransportError, match="rejected version 1"):
+        send(1, source.buckets[:-1])  # a bucket short: the engine's coverage check fails
+    send(2, source.buckets)
+    transport.close(notify=True)
+    server.join(20)
+    assert applied == [2] and endpoint.version == 2 and not endpoint.dirty
+    ref = model(input_ids=probe_batch(cfg.vocab_size)).logits
+    assert torch.equal(engine.logits(probe_batch(cfg.vocab_size)), ref)
+    endpoint.close()
+
+
+def test_no_receiver_fails_at_once():
+    transport = GroupTransport(Cfg(engine_port=free_port(), timeout_s=30))
+    with pytest.raises(TransportError, match="no rollout receiver listening"):
+        transport.init()
+
+
+# --------------------------------------------------------------------------- vLLM transport (fake vLLM)
+
+
+def test_vllm_transport_drives_the_four_phase_api(monkeypatch):
+    sent, calls = [], []
+
+    class Engine:
+        @staticmethod
+        def trainer_init(info):
+            calls.append(("trainer_init", info["world_size"]))
+            return "group"
+
+        @staticmethod
+        def trainer_send_weights(iterator, trainer_args):
+            assert trainer_args.group == "group" and trainer_args.packed
+            sent.extend((n, t.clone()) for n, t in iterator)
+
+    @dataclass
+    class Args:
+        group: object
+        packed: bool = False
+        packed_buffer_size_bytes: int = 0
+        packed_num_buffers: int = 2
+
+    mod = types.ModuleType("vllm.distributed.weight_transfer.nccl_engine")
+    mod.NCCLWeightTransferEngine, mod.NCCLTrainerSendWeightsArgs = Engine, Args
+    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.nccl_engine", mod)
+
+    class Client:
+        def get_world_size(self):
+            return 2
+
+        def init_weight_transfer_engine(self, info):
+            calls.append(("init", info["rank_offset"], info["world_size"]))
+
+        def start_weight_update(self):
+            calls.append(("start",))
+
+        def update_weights(self, info, timeout_s):
+            calls.append(("update", len(info["names"]), info["packed"]))
+            self.info = info
+
+        def finish_weight_update(self):
+            calls.append(("finish",))
+
+        def reset_prefix_cache(self):
+            calls.append(("reset",))
+
+    client = Client()
+    cfg = tiny("llama")
+    model = materialized(cfg)
+    source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 18)
+    transport = VLLMTransport(Cfg(engine_world_size=2), client=client)
+    transport.init()
+    transport.start(7, source.manifest())
+    from recipe.rollout.source import Bucket
+    for plan in source.buckets:
+        buf = transport.buffer(plan.nbytes)
+        source.fill(plan, buf)
+        transport.send(Bucket(plan.index, plan.metas, buf, plan.nbytes))
+    transport.finish(7)
+    assert [c[0] for c in calls] == ["init", "trainer_init", "start", "update", "finish", "reset"] or \
+        [c[0] for c in calls] == ["trainer_init", "init", "start", "update", "finish", "reset"]
+    assert [n for n, _ in sent] == client.info["names"] == [it.name for it in source.items]
+    assert [str(t.dtype).removeprefix("torch.") for _, t in sent] == client.info["dtype_names"]
+    params = dict(model.named_parameters())
+    for name, t in sent:
+        assert torch.equal(t, params[name].detach().to(torch.bfloat16)), name

@@ -86,6 +86,13 @@ class Checkpoint:
 
 
 @dataclass
+class ActivationCheckpoint:
+    mode: Literal["selective", "full", "memory_budget", "none"] = "none"
+    """torchtitan defaults to selective AC (every 2nd block), which costs ~20% throughput on GLA-340M
+    (docs/benchmarks.md); flare makes activation checkpointing opt-in."""
+
+
+@dataclass
 class Hooks:
     post_step: list[str] = field(default_factory=list)
     """Dotted paths ("pkg.module:Name" or "pkg.module.Name") of post-step hooks, run in order
@@ -151,6 +158,7 @@ class JobConfig:
     model: Model = field(default_factory=Model)
     training: Training = field(default_factory=Training)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     hooks: Hooks = field(default_factory=Hooks)
     rollout: Rollout = field(default_factory=Rollout)
     debug: Debug = field(default_factory=Debug)

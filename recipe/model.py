@@ -125,7 +125,7 @@ def load_hf_weights(model: nn.Module, folder: str) -> None:
     ``full_state_dict``), so it works for any parallel layout.
     """
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
@@ -133,7 +133,9 @@ def load_hf_weights(model: nn.Module, folder: str) -> None:
     state = {}
     for name in files:
         state.update(load_file(os.path.join(folder, name)))
-    expected = set(model.state_dict().keys())
+    # The model's own names: get_model_state_dict drops the prefixes that torch.compile and
+    # activation checkpointing wrappers add (`_orig_mod.`, `_checkpoint_wrapped_module.`).
+    expected = set(get_model_state_dict(model).keys())
     missing = sorted(expected - set(state))
     # Tied lm_head weights are stored once (as the embedding) by HF.
     if getattr(model.config, "tie_word_embeddings", False):

@@ -168,3 +168,24 @@ def test_varlen_needs_an_fla_model(tmp_path):
     with pytest.raises(ConfigError, match="training.varlen: model_type 'llama' is not an fla model"):
         make_trainer(tmp_path, "--training.varlen")
     assert not dist.is_initialized()  # refused before any process group
+
+
+@pytest.mark.parametrize("wrapper", [["--activation_checkpoint.mode", "full"], ["--compile.enable"]])
+def test_init_from_hf_through_wrapped_blocks(tmp_path, wrapper):
+    # AC and compile wrap the blocks (`_checkpoint_wrapped_module.`, `_orig_mod.`): HF names must still match.
+    from transformers import AutoModelForCausalLM
+
+    from recipe.model import load_model_config
+
+    hf = AutoModelForCausalLM.from_config(load_model_config(LLAMA))
+    hf.save_pretrained(tmp_path / "hf")
+    trainer = make_trainer(tmp_path / "run", "--model.init_from_hf", str(tmp_path / "hf"), *wrapper)
+    from recipe.model import load_hf_weights
+
+    load_hf_weights(trainer.model, str(tmp_path / "hf"))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    loaded = get_model_state_dict(trainer.model)
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+    trainer.close()

@@ -82,10 +82,17 @@ def start(dump: str, args, log) -> subprocess.Popen:
     return subprocess.Popen(command(dump, args), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def fail(message: str, log) -> None:
+    log.flush()
+    with open(log.name) as f:
+        tail = [line for line in f.readlines() if "warn" not in line.lower()][-40:]
+    raise SystemExit(f"{message}; see {log.name}, which ends:\n" + "".join(tail))
+
+
 def run_to_completion(dump: str, args, log) -> None:
     proc = start(dump, args, log)
     if proc.wait(timeout=args.timeout) != 0:
-        raise SystemExit(f"training failed (exit {proc.returncode}); see {log.name}")
+        fail(f"training failed (exit {proc.returncode})", log)
 
 
 def soak(dump: str, args, log, rng: random.Random, step_time: float) -> int:
@@ -100,7 +107,7 @@ def soak(dump: str, args, log, rng: random.Random, step_time: float) -> int:
         while proc.poll() is None and max(logged_steps(dump), default=0) <= before:
             if time.monotonic() > deadline:
                 kill_job(proc)
-                raise SystemExit(f"no progress within {args.timeout}s; see {log.name}")
+                fail(f"no progress within {args.timeout}s", log)
             time.sleep(0.05)
         # Within a few checkpoint intervals of the progress (mid-step, mid-save or between), and
         # before the run would end, so that every kill interrupts real work.
@@ -111,7 +118,7 @@ def soak(dump: str, args, log, rng: random.Random, step_time: float) -> int:
             kills += 1
             print(f"kill {kills}/{args.kills}: after step {max(logged_steps(dump), default=0)}", flush=True)
         elif proc.returncode != 0:
-            raise SystemExit(f"training failed (exit {proc.returncode}); see {log.name}")
+            fail(f"training failed (exit {proc.returncode})", log)
     run_to_completion(dump, args, log)
     return kills
 

@@ -36,12 +36,29 @@ def configure_device() -> str:
             "(it sets TRITON_INTERPRET=1); import order is wrong"
         )
     os.environ["TRITON_INTERPRET"] = "1"
+    _quiet_expected_cpu_warnings()
     _pin_triton_autotune_to_one_config()
     _make_interpreter_loop_indices_tensors()
     _patch_interpreter_language_once_per_grid()
     _point_torchtitan_at_cpu()
     _configured = "cpu"
     return _configured
+
+
+def _quiet_expected_cpu_warnings() -> None:
+    """Warnings that only say "this is the CPU path", repeated by every rank: not news here."""
+    import logging
+    import warnings
+
+    for message in (
+        "Triton is not supported on current platform",  # fla: no GPU driver (we interpret)
+        "DTensor random operators may not have complete support on cpu",
+        "DTensor manual_seed\\(\\) may not have complete support on cpu",
+        "Set timeout is now only supported for either nccl or gloo",  # torchtitan, gloo groups
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    # torchao's CUDA-only extensions (mxfp8, cutlass) cannot load without a GPU.
+    logging.getLogger("torchao").addFilter(lambda record: "Failed to load" not in record.getMessage())
 
 
 def _pin_triton_autotune_to_one_config() -> None:

@@ -16,7 +16,9 @@ import re
 import shutil
 
 import torch.distributed as dist
-from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
+from torchtitan.components.checkpoint import DATALOADER, AsyncMode, CheckpointManager
+
+from recipe.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,31 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def saved_data_parallel_degree(checkpoint_dir: str) -> int | None:
+    """How many data-parallel ranks wrote the data stream state of a checkpoint (None: no state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    return sum(k.startswith(f"{DATALOADER}.dp_rank_") for k in keys) or None
+
+
 class AtomicCheckpointManager(CheckpointManager):
+    def load(self, step: int = -1) -> bool:
+        # The data stream is sharded per DP rank; DCP would fail on the missing/extra ranks' keys.
+        dataloader = self.states.get(DATALOADER) if self.enable else None
+        if dataloader is not None and DATALOADER not in self.exclude_from_loading:
+            found = step if step != -1 else self._find_load_step()
+            path = self._create_checkpoint_id(found)
+            saved = saved_data_parallel_degree(path) if found > 0 and os.path.isdir(path) else None
+            if saved is not None and saved != dataloader.dp_world_size:
+                raise UserError(
+                    f"checkpoint: {path} holds a data stream of data-parallel degree {saved}, this job has "
+                    f"{dataloader.dp_world_size}; keep the DP degree (tensor_parallel_degree may change) or "
+                    "restart the stream with --checkpoint.exclude_from_loading dataloader"
+                )
+        return super().load(step)
+
+
     def dcp_save(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection=False, to_hf=False):
         if async_mode != AsyncMode.DISABLED:
             return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)

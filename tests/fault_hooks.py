@@ -9,6 +9,13 @@ def kill_rank1_after_step2(state):
         os.kill(os.getpid(), signal.SIGKILL)  # a rank that dies without a word, like an OOM kill
 
 
-def kill_every_rank_after_step4(state):
-    if state.step == 4:  # hooks run after the step's checkpoint: step-4 is complete on disk
-        os.kill(os.getpid(), signal.SIGKILL)
+def _kill_every_rank_after(step):
+    def hook(state):
+        if state.step == step:  # hooks run after the step's checkpoint: it is complete on disk
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+kill_every_rank_after_step2 = _kill_every_rank_after(2)
+kill_every_rank_after_step4 = _kill_every_rank_after(4)

@@ -54,3 +54,37 @@ def test_debug_job_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
     assert reference[-1]["loss"] < reference[0]["loss"] - 0.5  # it learns
     assert resumed[-1]["tokens_seen"] == reference[-1]["tokens_seen"] == 6 * 2 * 2 * 32
+
+
+def test_checkpoint_resumes_under_another_layout(tmp_path):
+    # Saved by FSDP=2 (2 ranks), resumed by FSDP=2 x TP=2 (4 ranks): DCP reshards the model and
+    # optimizer, the data stream continues (same DP degree), and step 3 has the uninterrupted loss.
+    def run(dump, nproc, *extra, ok=True):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train.py", "--job.config_file", "configs/debug.toml", "--model.config", "configs/tiny/llama.json",
+               "--job.dump_folder", str(dump), "--training.steps", "3", "--training.seq_len", "32",
+               "--checkpoint.interval", "2", "--parallelism.data_parallel_shard_degree", "2", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    straight, resharded = tmp_path / "fsdp2", tmp_path / "fsdp2_tp2"
+    run(straight, 2)
+    # The same job, killed after its step-2 checkpoint.
+    run(resharded, 2, "--hooks.post_step", "tests.fault_hooks:kill_every_rank_after_step2", ok=False)
+    log = run(resharded, 4, "--parallelism.tensor_parallel_degree", "2")
+    assert "Training from step 3 to 3" in log and "DP degree 2, TP degree 2" in log
+    reference, resumed = read_metrics(straight)[-1], read_metrics(resharded)[-1]
+    assert resumed["step"] == reference["step"] == 3
+    assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert resumed["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
+
+    # Changing the DP degree cannot continue the sharded data stream: a clear error, not an assert.
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
+         "--job.config_file", "configs/debug.toml", "--model.config", "configs/tiny/llama.json",
+         "--job.dump_folder", str(straight), "--training.steps", "4", "--training.seq_len", "32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "holds a data stream of data-parallel degree 2, this job has 4" in proc.stderr

@@ -24,7 +24,12 @@ def configure_device() -> str:
     global _configured
     if _configured is not None:
         return _configured
+    import logging
+
     import torch
+
+    # torchao registers enums with pytree at import; torch >= 2.11 warns that this is obsolete.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
     if torch.cuda.is_available():
         _configured = "cuda"

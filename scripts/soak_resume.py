@@ -4,6 +4,8 @@ that the final loss curve equals an uninterrupted run's, step for step.
     python scripts/soak_resume.py                 # short: 3 kills, tiny Llama, 1 process (~1 min on CPU)
     python scripts/soak_resume.py --kills 25 --nproc 2 --steps 60        # long mode
     python scripts/soak_resume.py --kills 20 -- --model.config configs/gla_debug.json  # extra train.py args
+    python scripts/soak_resume.py --kills 25 --rollout   # also export weights after every step (gloo) to
+                                                         # flare's reference receiver: kills land mid-export too
 
 Kills land anywhere: during a step, a checkpoint write, start-up. Each restart must continue from
 the newest complete checkpoint; the metrics of steps re-run after a kill replace the lost ones.
@@ -28,9 +30,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def command(dump: str, args) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    rollout = []
+    if args.rollout:
+        rollout = ["--hooks.post_step", "rollout", "--rollout.enable", "--rollout.interval", "1",
+                   "--rollout.transport", "gloo", "--rollout.dtype", "float32", "--rollout.timeout_s", "10",
+                   "--rollout.engine_port", str(args.rollout_port)]
     return [*launcher, "train.py", "--job.config_file", args.config, "--job.dump_folder", dump,
             "--training.steps", str(args.steps), "--checkpoint.enable", "--checkpoint.interval",
-            str(args.interval), "--checkpoint.keep_latest_k", "2", "--metrics.log_freq", "1", *args.train_args]
+            str(args.interval), "--checkpoint.keep_latest_k", "2", "--metrics.log_freq", "1", *rollout,
+            *args.train_args]
+
+
+def start_receiver(args, log) -> subprocess.Popen | None:
+    """flare's reference rollout receiver (the engine side), fresh for every trainer start."""
+    if not args.rollout:
+        return None
+    given = args.train_args
+    model = given[given.index("--model.config") + 1] if "--model.config" in given else "configs/gla_debug.json"
+    ready = os.path.join(tempfile.gettempdir(), f"flare-soak-receiver-{os.getpid()}")
+    if os.path.exists(ready):
+        os.remove(ready)
+    cmd = [sys.executable, "-m", "recipe.rollout.receiver", "--model_config", model, "--port",
+           str(args.rollout_port), "--transport", "gloo", "--dtype", "float32", "--timeout_s", "10",
+           "--ready_file", ready]
+    receiver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(ready):  # listening: every export of the trainer can reach it
+        if receiver.poll() is not None or time.monotonic() > deadline:
+            fail("the rollout receiver did not start", log)
+        time.sleep(0.1)
+    return receiver
 
 
 def logged_steps(dump: str) -> dict[int, dict]:
@@ -78,8 +107,15 @@ def kill_job(proc: subprocess.Popen) -> None:
 
 
 def start(dump: str, args, log) -> subprocess.Popen:
+    global _receiver
+    if _receiver is not None:
+        kill_job(_receiver)
+    _receiver = start_receiver(args, log)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command(dump, args), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+_receiver: subprocess.Popen | None = None
 
 
 def fail(message: str, log) -> None:
@@ -148,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--rollout", action="store_true", help="export weights every step to a reference receiver")
+    parser.add_argument("--rollout-port", type=int, default=29651)
     parser.add_argument("train_args", nargs="*", help="extra train.py arguments (after --)")
     args = parser.parse_args(argv)
     if not args.train_args:
@@ -163,6 +201,8 @@ def main(argv=None) -> int:
         reference = logged_steps(reference_dump)
         step_time = sorted(r["step_time_s"] for s, r in reference.items() if s > 1)[len(reference) // 2 - 1]
         kills = soak(soak_dump, args, log, random.Random(args.seed), step_time)
+    if _receiver is not None:
+        kill_job(_receiver)
     problems = compare(reference, logged_steps(soak_dump), args.rtol)
     print(f"{kills} kills, {args.steps} steps: " + ("curves identical" if not problems else f"{len(problems)} mismatches"))
     for line in problems[:20]:

@@ -148,7 +148,7 @@ def soak(dump: str, args, log, rng: random.Random, step_time: float) -> int:
         # Within a few checkpoint intervals of the progress (mid-step, mid-save or between), and
         # before the run would end, so that every kill interrupts real work.
         remaining = (args.steps - max(logged_steps(dump), default=0)) * step_time
-        time.sleep(rng.uniform(0, min(remaining, 4 * args.interval * step_time)))
+        time.sleep(rng.uniform(0, min(remaining / 2, 4 * args.interval * step_time)))
         if proc.poll() is None:
             kill_job(proc)
             kills += 1

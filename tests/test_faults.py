@@ -18,15 +18,15 @@ def test_random_kills_resume_to_the_identical_loss_curve(tmp_path):
     # Every step also exports its weights to a reference rollout receiver, so kills land mid-step,
     # mid-checkpoint and mid-export.
     proc = subprocess.run(
-        [sys.executable, "scripts/soak_resume.py", "--kills", "2", "--steps", "18", "--rollout",
+        [sys.executable, "scripts/soak_resume.py", "--kills", "2", "--steps", "24", "--rollout",
          "--workdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "2 kills, 18 steps: curves identical" in proc.stdout
+    assert "2 kills, 24 steps: curves identical" in proc.stdout
     log = (tmp_path / "train.log").read_text()
     assert log.count("Training from step") >= 4  # reference, first start, two restarts
-    assert log.count("rollout: exported version") >= 18
+    assert log.count("rollout: exported version") >= 24
 
 
 def test_a_dead_rank_ends_the_job_with_its_rank_named(tmp_path):

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--rollout", action="store_true", help="export weights every step to a reference receiver")
-    parser.add_argument("--rollout-port", type=int, default=29651)
+    parser.add_argument("--rollout-port", type=int, default=None, help="default: a free port")
     parser.add_argument("train_args", nargs="*", help="extra train.py arguments (after --)")
     args = parser.parse_args(argv)
     if not args.train_args:
@@ -193,6 +194,10 @@ def main(argv=None) -> int:
         args.train_args = ["--model.config", "configs/tiny/llama.json", "--training.seq_len", "256",
                            "--training.local_batch_size", "8"]
 
+    if args.rollout and args.rollout_port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args.rollout_port = sock.getsockname()[1]
     workdir = args.workdir or tempfile.mkdtemp(prefix="flare-soak-")
     os.makedirs(workdir, exist_ok=True)
     reference_dump, soak_dump = os.path.join(workdir, "reference"), os.path.join(workdir, "soaked")

@@ -19,7 +19,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from parallelisms.tp_plans.base import TPPlan, conv_layouts, shared_layouts
+from parallelisms.tp_plans.base import conv_layouts, shared_layouts
+from parallelisms.tp_plans.gla import GLATPPlan
 from parallelisms.tp_plans.registry import register_tp_plan
 from parallelisms.tp_plans.styles import LocalCompute
 
@@ -92,14 +93,8 @@ class RetentionHeadOffset(ParallelStyle):
 
 
 @register_tp_plan("retnet")
-class RetNetTPPlan(TPPlan):
-    local_attrs = ("num_heads", "num_kv_heads", "key_dim", "value_dim", "key_dim_per_group", "value_dim_per_group")
-
-    def validate(self) -> None:
-        super().validate()
-        c = self.config
-        self.require_divisible("num_heads", c.num_heads)
-        self.require_divisible("num_kv_heads", c.num_kv_heads or c.num_heads)
+class RetNetTPPlan(GLATPPlan):
+    """GLA's head layout and checks; retention itself needs the rank's head offset (below)."""
 
     def prepare_model(self, model) -> None:
         super().prepare_model(model)

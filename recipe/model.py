@@ -25,6 +25,19 @@ _CONSTRUCTOR_CONSTANTS = {"lower_bounds": 0.0}
 _CUDA_ONLY_FUSED_LOSSES = ("fuse_cross_entropy", "fuse_linear_cross_entropy")
 
 
+def import_custom_module(name: str) -> None:
+    """experimental.custom_import: a module that registers custom model families (AutoConfig /
+    AutoModelForCausalLM.register), TP plans or hooks before the model is built."""
+    if not name:
+        return
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"experimental.custom_import: cannot import '{name}': {e}") from None
+
+
 def load_model_config(path: str):
     """An HF ``PretrainedConfig`` from a config JSON (flame's format) or an HF model folder."""
     import fla  # noqa: F401  (registers fla's model types with transformers' Auto classes)

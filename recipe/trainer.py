@@ -39,6 +39,7 @@ from recipe.hooks import StepState, build_post_step_hooks, close_hooks, run_post
 from recipe.metrics import MetricsProcessor
 from recipe.model import (
     build_model_on_meta,
+    import_custom_module,
     count_parameters,
     disable_unsupported_fused_kernels,
     init_weights,
@@ -64,6 +65,7 @@ class Trainer(Stateful):
         self.device_type = configure_device()
 
         # Everything that can be checked without devices is checked before the process group.
+        import_custom_module(jc.experimental.custom_import)
         self.tokenizer = build_tokenizer(jc)
         self.model_config = load_model_config(jc.model.config)
         reconcile_with_tokenizer(self.model_config, self.tokenizer)

@@ -189,3 +189,23 @@ def test_init_from_hf_through_wrapped_blocks(tmp_path, wrapper):
     for name, tensor in hf.state_dict().items():
         assert torch.equal(loaded[name], tensor), name
     trainer.close()
+
+
+def test_custom_model_family_by_dotted_path(tmp_path):
+    import json
+
+    config = json.load(open(LLAMA))
+    config["model_type"] = "my_llama"
+    path = tmp_path / "my_llama.json"
+    path.write_text(json.dumps(config))
+    trainer = make_trainer(tmp_path / "run", "--model.config", str(path),
+                           "--experimental.custom_import", "tests.custom_family")
+    assert type(trainer.model).__name__ == "MyLlamaForCausalLM"
+    trainer.close()
+
+
+def test_bad_custom_import_is_one_line(tmp_path):
+    from recipe.errors import UserError
+
+    with pytest.raises(UserError, match="experimental.custom_import: cannot import 'no_such_pkg'"):
+        make_trainer(tmp_path, "--experimental.custom_import", "no_such_pkg")

@@ -365,3 +365,15 @@ def parse_size(text: str) -> int:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def run_cli(name: str, convert, args) -> int:
+    """The converters' main: print what was written, or one error line on stderr and exit code 1."""
+    import sys
+
+    try:
+        print(convert(args))
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -20,7 +20,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe import hf_io  # noqa: E402
-from recipe.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +52,7 @@ def convert(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        print(convert(args))
-    except UserError as e:
-        print(f"convert_hf_to_dcp: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return hf_io.run_cli("convert_hf_to_dcp", convert, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

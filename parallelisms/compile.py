@@ -1,4 +1,6 @@
-"""Per-block ``torch.compile``: blocks repeat, so one compiled graph serves every layer."""
+"""Per-block ``torch.compile``. Blocks share their code, but fla and HF layers keep an integer
+layer index, so dynamo builds one graph per layer and the first step compiles every layer
+(inductor's on-disk cache makes restarts on the same machine fast)."""
 
 from __future__ import annotations
 

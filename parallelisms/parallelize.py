@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from torch import nn
 
 from parallelisms.activation_checkpoint import apply_ac
@@ -95,6 +96,27 @@ def prepare_model_config(model_config, parallel_dims, job_config) -> list[str]:
     return switched
 
 
+def single_device_fsdp(parallel_dims, job_config) -> bool:
+    """One process and a low-precision param dtype: FSDP2 over a one-rank mesh is how the model
+    gets bf16 compute weights with fp32 masters (see ``parallelism.single_device_fsdp``)."""
+    from torchtitan.config import TORCH_DTYPE_MAP
+
+    return (
+        parallel_dims.world_size == 1
+        and job_config.parallelism.single_device_fsdp
+        and TORCH_DTYPE_MAP[job_config.training.mixed_precision_param] != torch.float32
+    )
+
+
+def _fsdp_mesh(parallel_dims, job_config):
+    if parallel_dims.fsdp_enabled:
+        names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        return parallel_dims.get_mesh(names)
+    if single_device_fsdp(parallel_dims, job_config):
+        return parallel_dims.world_mesh  # 1-D, one rank
+    return None
+
+
 def parallelize_fla(model: nn.Module, parallel_dims, job_config) -> nn.Module:
     """Apply TP, activation checkpointing, compile and data parallelism (torchtitan signature)."""
     from torchtitan.config import TORCH_DTYPE_MAP
@@ -117,12 +139,12 @@ def parallelize_fla(model: nn.Module, parallel_dims, job_config) -> nn.Module:
         apply_compile(blocks, job_config.compile, final_norm=(base, "norm") if hasattr(base, "norm") else None)
 
     embeddings, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
-    if parallel_dims.fsdp_enabled:
-        names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    fsdp_mesh = _fsdp_mesh(parallel_dims, job_config)
+    if fsdp_mesh is not None:
         t = job_config.training
         apply_fsdp(
             model,
-            parallel_dims.get_mesh(names),
+            fsdp_mesh,
             embeddings=embeddings,
             blocks=blocks,
             head=[plan.final_norm(model), lm_head],
@@ -132,7 +154,9 @@ def parallelize_fla(model: nn.Module, parallel_dims, job_config) -> nn.Module:
             cpu_offload=t.enable_cpu_offload,
             reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
         )
-        logger.info(f"Applied {'HSDP' if parallel_dims.dp_replicate_enabled else 'FSDP'} to the model")
+        kind = "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP" if parallel_dims.fsdp_enabled else (
+            "single-device FSDP (bf16 compute with fp32 master weights)")
+        logger.info(f"Applied {kind} to the model")
     elif parallel_dims.dp_replicate_enabled:
         if parallel_dims.tp_enabled:
             raise ConfigError("DDP cannot be combined with tensor parallelism; use HSDP or FSDP")

@@ -31,9 +31,15 @@ class StepState:
     model: torch.nn.Module  # the parallelized model (DTensor parameters under FSDP/TP)
     parallel_dims: Any  # torchtitan ParallelDims
     job_config: Any
-    skipped: bool  # the optimizer step was skipped (NaN/Inf)
     tokens_seen: int  # on this data-parallel rank
     metrics: dict = field(default_factory=dict)  # this step's logged metrics ({} on non-log steps)
+    found_inf: torch.Tensor | None = None  # device flag, 1.0 when the step was skipped (None: skipping off)
+
+    @property
+    def skipped(self) -> bool:
+        """The optimizer step was skipped (NaN/Inf gradients). Reading it waits for the step to
+        finish on the device: hooks that act only every N steps should check the step first."""
+        return self.found_inf is not None and bool(self.found_inf)
 
 
 class PostStepHook(Protocol):

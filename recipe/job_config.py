@@ -12,6 +12,14 @@ from typing import Literal
 
 
 @dataclass
+class Job:
+    autotune_results: str = "configs/autotune"
+    """Folder of shipped Triton autotune result sets (recipe/autotune_cache.py): on a GPU the sets
+    made on this kind of machine with this Triton/fla are installed into the Triton cache before the
+    first step, which then skips fla's minutes of autotuning. Empty: install nothing."""
+
+
+@dataclass
 class Model:
     config: str = "configs/gla_debug.json"
     """HF config JSON (with `model_type`, flame's format) or an HF model folder holding config.json."""
@@ -93,6 +101,15 @@ class ActivationCheckpoint:
 
 
 @dataclass
+class Parallelism:
+    single_device_fsdp: bool = True
+    """On one device with training.mixed_precision_param below float32: wrap the model in FSDP2 over a
+    one-rank mesh, so its mixed-precision policy computes with bf16 parameters cast once per step
+    (fp32 master weights, fp32 gradients). false: fp32 parameters under autocast, which recasts
+    weights in every forward (GLA-340M on one H200: ~7% slower, ~10 GiB more; docs/benchmarks.md)."""
+
+
+@dataclass
 class Hooks:
     post_step: list[str] = field(default_factory=list)
     """Dotted paths ("pkg.module:Name" or "pkg.module.Name") of post-step hooks, run in order
@@ -155,10 +172,12 @@ class Debug:
 
 @dataclass
 class JobConfig:
+    job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
     training: Training = field(default_factory=Training)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    parallelism: Parallelism = field(default_factory=Parallelism)
     hooks: Hooks = field(default_factory=Hooks)
     rollout: Rollout = field(default_factory=Rollout)
     debug: Debug = field(default_factory=Debug)

@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
 from torchtitan.components.checkpoint import AsyncMode
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
@@ -30,6 +31,7 @@ from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enabl
 
 from parallelisms import parallelize_fla, prepare_model_config, validate_parallelism
 from recipe import flops as flops_lib
+from recipe.autotune_cache import install_shipped_results
 from recipe.checkpoint import AtomicCheckpointManager
 from recipe.config import data_parallel_degrees, gradient_accumulation_steps
 from recipe.data import build_dataloader
@@ -83,6 +85,8 @@ class Trainer(Stateful):
 
         self.parallel_dims = pd = self._init_distributed()
         self.device = self._init_device()
+        if self.device_type == "cuda":  # before any fla kernel autotunes
+            install_shipped_results(jc.job.autotune_results)
         if pd.dp_enabled:
             batch_mesh = pd.get_mesh("batch")
             dp_degree, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
@@ -121,6 +125,10 @@ class Trainer(Stateful):
         self.ntokens_seen = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self._unaccounted: list[tuple[int, torch.Tensor]] = []  # (step, grad norm) not yet counted
+        self.skip_on_device = all(
+            isinstance(o, torch.optim.Adam | torch.optim.AdamW) and o.defaults.get("fused") for o in self.optimizers
+        )
 
         self.checkpointer = AtomicCheckpointManager(
             dataloader=self.dataloader,
@@ -169,10 +177,11 @@ class Trainer(Stateful):
         return torch.device("cpu")
 
     def _autocast_context(self):
-        """FSDP casts parameters itself; every other layout (single device, DDP, TP alone) runs
-        the forward under autocast so `mixed_precision_param` is honoured there too."""
+        """FSDP (also single-device FSDP) casts parameters itself; every other layout (DDP, TP
+        alone, one device with parallelism.single_device_fsdp=false) runs the forward under
+        autocast so `mixed_precision_param` is honoured there too."""
         dtype = TORCH_DTYPE_MAP[self.job_config.training.mixed_precision_param]
-        if self.parallel_dims.fsdp_enabled or dtype == torch.float32:
+        if isinstance(self.model, FSDPModule) or dtype == torch.float32:
             return contextlib.nullcontext
         logger.info(f"Mixed precision: autocast to {dtype} (no FSDP)")
         return lambda: torch.autocast(self.device_type, dtype=dtype)
@@ -212,6 +221,7 @@ class Trainer(Stateful):
                     memory_profiler.step()
                 if self.step == 1:  # first step done: compile/autotune is over, fail faster on hangs
                     dist_utils.set_pg_timeouts(timedelta(seconds=jc.comm.train_timeout_seconds), self.parallel_dims)
+        self._account_skips()
         logger.info(f"Training done at step {self.step}; {self.skipped_steps} step(s) skipped for NaN/Inf")
         self._maybe_export_hf()
 
@@ -272,19 +282,12 @@ class Trainer(Stateful):
 
         max_norm = jc.training.max_norm if jc.training.max_norm > 0 else math.inf
         grad_norm = dist_utils.clip_grad_norm_(list(self.model.parameters()), max_norm, foreach=True)
-        skipped = False
-        if jc.training.skip_nan_inf and not torch.isfinite(grad_norm).item():
-            # grad_norm is reduced over all ranks, so every rank takes the same decision.
-            skipped = True
-            self._skip_step(grad_norm)
-        else:
-            self.consecutive_skips = 0
-            self.checkpointer.maybe_wait_for_staging()
-            self.optimizers.step()
+        found_inf = self._optimizer_step(grad_norm)
         self.lr_schedulers.step()
 
         if not self.metrics.should_log(self.step):
-            return {"skipped": skipped}
+            return {"found_inf": found_inf}
+        self._account_skips()
         loss = torch.stack(losses).sum()  # this rank's share of the global mean loss
         local_mean = loss * global_valid / max(local_valid, 1)
         if pd.dp_enabled:
@@ -298,7 +301,7 @@ class Trainer(Stateful):
             self.step, float(global_loss), float(loss_max), float(grad_norm), lr,
             {"tokens_seen": tokens, "skipped_steps": self.skipped_steps},
         )
-        record["skipped"] = skipped
+        record["found_inf"] = found_inf
         return record
 
     def forward_backward(self, input_dict, labels, global_valid) -> torch.Tensor:
@@ -313,31 +316,69 @@ class Trainer(Stateful):
             loss.backward()
         return loss.detach()
 
-    def _skip_step(self, grad_norm) -> None:
-        self.optimizers.zero_grad()
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        logger.warning(
-            f"step {self.step}: grad norm {float(grad_norm)} is not finite; optimizer step skipped "
-            f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)"
-        )
-        limit = self.job_config.training.max_consecutive_skips
-        if limit and self.consecutive_skips >= limit:
-            saved = ""
-            if self.checkpointer.enable:
-                # Skipped steps change no weights: the current state is the last good one.
-                self.consecutive_skips = 0  # a resumed run starts counting afresh
-                self.checkpointer.dcp_save(
-                    self.checkpointer._flattened_model_states_sd(),
-                    self.checkpointer._create_checkpoint_id(self.step),
-                    async_mode=AsyncMode.DISABLED,
-                )
-                saved = f"; the last good state is saved as step-{self.step}"
-            raise TooManySkippedSteps(
-                f"training.max_consecutive_skips={limit}: {limit} consecutive steps had NaN/Inf "
-                f"gradients (up to step {self.step}){saved}. Lower the learning rate or inspect the data, "
-                "then resume"
+    def _optimizer_step(self, grad_norm: torch.Tensor) -> torch.Tensor | None:
+        """Step the optimizers unless ``grad_norm`` is NaN/Inf (training.skip_nan_inf).
+
+        Returns this step's skip flag as a device tensor (None when skipping is off). fused
+        Adam/AdamW take GradScaler's ``found_inf``: the kernel leaves parameters, moments and step
+        counts untouched when it is 1, so deciding costs no host sync. Other implementations
+        decide on the host (one sync per step). Counting and the consecutive-skip limit happen in
+        ``_account_skips`` on log steps, where the loop syncs anyway. ``grad_norm`` is reduced
+        over all ranks, so every rank takes the same decision.
+        """
+        self.checkpointer.maybe_wait_for_staging()
+        if not self.job_config.training.skip_nan_inf:
+            self.optimizers.step()
+            return None
+        found_inf = (~torch.isfinite(grad_norm)).to(torch.float32)
+        if self.skip_on_device:
+            for optimizer in self.optimizers:
+                optimizer.found_inf = found_inf
+            self.optimizers.step()
+        elif not found_inf.item():
+            self.optimizers.step()
+        self._unaccounted.append((self.step, grad_norm.detach()))
+        return found_inf
+
+    def _account_skips(self, enforce_limit: bool = True) -> None:
+        """Count the skipped steps since the last call (one host sync), log them, and stop the run
+        after ``training.max_consecutive_skips`` consecutive ones."""
+        if not self._unaccounted:
+            return
+        steps = [step for step, _ in self._unaccounted]
+        norms = torch.stack([norm for _, norm in self._unaccounted]).tolist()
+        self._unaccounted.clear()
+        for step, norm in zip(steps, norms):
+            if math.isfinite(norm):
+                self.consecutive_skips = 0
+                continue
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            logger.warning(
+                f"step {step}: grad norm {norm} is not finite; optimizer step skipped "
+                f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)"
             )
+        limit = self.job_config.training.max_consecutive_skips
+        if enforce_limit and limit and self.consecutive_skips >= limit:
+            self._stop_after_skips(limit)
+
+    def _stop_after_skips(self, limit: int) -> None:
+        saved = ""
+        if self.checkpointer.enable:
+            # Skipped steps change no weights: the current state is the last good one.
+            self.consecutive_skips = 0  # a resumed run starts counting afresh
+            self.checkpointer._async_wait()  # an async save in flight must not race this one
+            self.checkpointer.dcp_save(
+                self.checkpointer._flattened_model_states_sd(),
+                self.checkpointer._create_checkpoint_id(self.step),
+                async_mode=AsyncMode.DISABLED,
+            )
+            saved = f"; the last good state is saved as step-{self.step}"
+        raise TooManySkippedSteps(
+            f"training.max_consecutive_skips={limit}: {limit} consecutive steps had NaN/Inf "
+            f"gradients (up to step {self.step}){saved}. Lower the learning rate or inspect the data, "
+            "then resume"
+        )
 
     def _step_state(self, record: dict) -> StepState:
         return StepState(
@@ -345,7 +386,7 @@ class Trainer(Stateful):
             model=self.model,
             parallel_dims=self.parallel_dims,
             job_config=self.job_config,
-            skipped=record.get("skipped", False),
+            found_inf=record.get("found_inf"),
             tokens_seen=self.ntokens_seen,
             metrics={k: v for k, v in record.items() if k != "skipped"},
         )
@@ -353,6 +394,7 @@ class Trainer(Stateful):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
+        self._account_skips(enforce_limit=False)  # a checkpoint holds exact counts
         return {
             "step": self.step,
             "ntokens_seen": self.ntokens_seen,

@@ -3,16 +3,20 @@
 For every model config x (seq_len, batch) x compile setting it measures, in one process:
 
 * ``trainer``: ``recipe.trainer.Trainer`` built from CLI overrides (synthetic corpus, byte tokenizer,
-  no checkpoints, metrics every step) and driven through its own ``train()`` loop. Throughput is the
-  median ``tps`` of its ``metrics.jsonl`` after the warm-up steps; under torchrun it uses FSDP over all
-  ranks (``--tp 2`` adds tensor parallelism).
-* ``bare`` / ``bare-bf16``: the ceiling: ``AutoModelForCausalLM.from_config`` on the device, the
-  same synthetic batches, fused AdamW, grad clipping, per-block ``torch.compile`` when compile is on,
-  nothing else. ``bare`` keeps fp32 parameters under bf16 autocast (the trainer's single-GPU layout),
-  ``bare-bf16`` holds bf16 parameters (what FSDP's mixed precision computes with). Under torchrun
-  every rank runs it alone, without communication: a per-GPU ceiling.
+  dataloader workers and pinned memory as in configs/*_340M.toml, no checkpoints, metrics every
+  ``--log-freq`` steps) and driven through its own ``train()`` loop, untouched. Throughput is the
+  median ``tps`` of its logged windows after the warm-up steps; on one GPU the trainer uses
+  single-device FSDP (bf16 compute, fp32 masters), under torchrun FSDP over all ranks (``--tp 2``
+  adds tensor parallelism).
+* ``bare`` / ``bare-bf16`` / ``bare-fsdp``: the ceiling: ``AutoModelForCausalLM.from_config`` on the
+  device, the same synthetic batches (pinned), fused AdamW, grad clipping, per-block
+  ``torch.compile`` when compile is on, nothing else; the timed steps run back to back with one
+  sync at each end. ``bare`` keeps fp32 parameters under bf16 autocast, ``bare-bf16`` holds bf16
+  parameters and optimizer state, ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16
+  compute, fp32 masters: the trainer's numerics). Under torchrun every rank runs them alone,
+  without communication: a per-GPU ceiling.
 
-Columns: tokens/s per GPU (median over the timed steps), MFU (``recipe.flops`` FLOPs/token over the
+Columns: tokens/s per GPU, MFU (``recipe.flops`` FLOPs/token over the
 device's bf16 dense peak), peak memory (CUDA reserved; process peak RSS on CPU), the wall time of the
 first step (Triton autotuning and torch.compile land there; later rows reuse what earlier rows
 compiled and what is cached on disk, see scripts/warm_kernels.py), and trainer/bare (the trainer's
@@ -23,7 +27,7 @@ tokens/s over the best bare variant of the same model, shape and compile setting
     python scripts/bench_train.py --models configs/gla_340M.json --seq-sweep 2048,4096,8192,16384,32768
     torchrun --nproc_per_node=2 scripts/bench_train.py --models configs/gla_340M.json [--tp 2]
     python scripts/bench_train.py --device cpu --models configs/tiny/llama.json --seq-len 64 --batch 2 \\
-        --steps 3 --warmup 1                                       # CPU smoke run (fp32, compile off)
+        --steps 3 --warmup 1 --log-freq 1                          # CPU smoke run (fp32, compile off)
 
 Rank 0 prints a header (device, versions, date, command), one line per finished run, and a markdown
 table at the end; rows go to ``--out`` as JSON lines (appended, one header line per invocation;
@@ -48,7 +52,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-IMPLS = ("trainer", "bare", "bare-bf16")
+IMPLS = ("trainer", "bare", "bare-bf16", "bare-fsdp")
+BARE_PRECISION = {"bare": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp"}
 
 
 def parse_args(argv=None):
@@ -64,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--log-freq", type=int, default=10,
+                   help="trainer rows: metrics.log_freq (a real job's cadence; --warmup must be a multiple)")
     p.add_argument("--varlen", action="store_true", help="trainer rows pack each batch into one row (fla models)")
     p.add_argument("--tp", type=int, default=1, help="trainer rows: parallelism.tensor_parallel_degree")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
@@ -72,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
     p.add_argument("--verbose", action="store_true", help="show the trainer's log")
     args = p.parse_args(argv)
+    if args.warmup % args.log_freq or args.steps % args.log_freq:
+        p.error(f"--warmup {args.warmup} and --steps {args.steps} must be multiples of --log-freq {args.log_freq} "
+                "(the trainer's throughput is read from its logged windows)")
     args.models = [m for m in args.models.split(",") if m]
     args.impls = [i for i in args.impls.split(",") if i]
     unknown = set(args.impls) - set(IMPLS)
@@ -119,12 +129,12 @@ def peak_memory_gib(device) -> float:
 
 
 def job_args(model: str, seq: int, batch: int, steps: int, compile_on: bool, varlen: bool, tp: int,
-             dump_folder: str) -> list[str]:
+             dump_folder: str, log_freq: int = 10) -> list[str]:
     """The trainer's overrides: the project's defaults plus an offline, checkpoint-free benchmark job."""
     args = [
         "--model.config", model, "--model.tokenizer", "bytes", "--training.dataset", "synthetic",
         "--training.seq_len", str(seq), "--training.local_batch_size", str(batch),
-        "--training.steps", str(steps), "--checkpoint.no_enable", "--metrics.log_freq", "1",
+        "--training.steps", str(steps), "--checkpoint.no_enable", "--metrics.log_freq", str(log_freq),
         "--metrics.no_enable_tensorboard", "--job.dump_folder", dump_folder,
         # After step 1 the trainer tightens collective timeouts; a later run's first step (another
         # compile) must not trip them while ranks wait for each other.
@@ -135,7 +145,10 @@ def job_args(model: str, seq: int, batch: int, steps: int, compile_on: bool, var
         args.append("--training.varlen")
     if tp > 1:
         args += ["--parallelism.tensor_parallel_degree", str(tp)]
-    if not _on_gpu():
+    if _on_gpu():
+        # As configs/*_340M.toml: tokenize and pack in worker processes, pinned host batches.
+        args += ["--training.dataloader.num_workers", "2", "--training.dataloader.pin_memory"]
+    else:
         # fla's fused CPU backward does not re-enter autocast (bf16/fp32 mismatch), and bf16 buys
         # nothing on CPU: configs/debug.toml trains in fp32 there too.
         args += ["--training.mixed_precision_param", "float32"]
@@ -152,12 +165,14 @@ def _on_gpu() -> bool:
 
 
 def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dict:
+    from torch.distributed.fsdp import FSDPModule
+
     from recipe.config import parse_job_config
     from recipe.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as dump:
         jc = parse_job_config(job_args(model, seq, batch, args.warmup + args.steps, compile_on, args.varlen,
-                                       args.tp, dump))
+                                       args.tp, dump, args.log_freq))
         start = time.perf_counter()
         trainer = Trainer(jc)
         setup_s = time.perf_counter() - start
@@ -165,6 +180,10 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dic
         train_step = trainer.train_step
 
         def timed_train_step(micro_batches):
+            # Only the first step is timed here (with a sync); throughput comes from the trainer's
+            # own metrics, so later steps run exactly as in a real job.
+            if step_s:
+                return train_step(micro_batches)
             t0 = time.perf_counter()
             record = train_step(micro_batches)
             synchronize()
@@ -190,7 +209,7 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dic
             "loss_first": records[0]["loss"] if records else None,
             "loss_last": records[-1]["loss"] if records else None,
             "flops_per_token": trainer.flops_per_token,
-            "fsdp": trainer.parallel_dims.fsdp_enabled,
+            "fsdp": isinstance(trainer.model, FSDPModule),
         }
     return row
 
@@ -209,15 +228,40 @@ def synthetic_batches(model: str, seq: int, batch: int, n: int):
     return tokenizer, [(inputs["input"], labels) for inputs, labels in batches]
 
 
-def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, bf16_params: bool, args) -> dict:
+def one_rank_mesh(device):
+    """A DeviceMesh holding only this rank (FSDP with no communication), under torchrun or not."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            from recipe.trainer import _free_port
+
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_world_size() == 1:
+        group = dist.group.WORLD
+    else:
+        group, _ = dist.new_subgroups(group_size=1)
+    return DeviceMesh.from_group(group, device.type)
+
+
+def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, args) -> dict:
+    """precision: "autocast" (fp32 params, bf16 autocast), "bf16" (bf16 params and optimizer), or
+    "fsdp" (FSDP2 on a one-rank mesh: bf16 compute, fp32 masters, as the trainer on one GPU)."""
     import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
     from recipe import flops as flops_lib
     from recipe.model import disable_unsupported_fused_kernels, load_model_config, reconcile_with_tokenizer
 
     device = bench_device()
+    on_gpu = device.type == "cuda"
     tokenizer, batches = synthetic_batches(model_path, seq, batch, args.warmup + args.steps)
+    if on_gpu:
+        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
     start = time.perf_counter()
     config = load_model_config(model_path)
     reconcile_with_tokenizer(config, tokenizer)
@@ -226,12 +270,12 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, bf16_param
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if bf16_params:
+    if precision == "bf16":
         model.to(torch.bfloat16)
     model.train()
     flops_per_token = flops_lib.flops_per_token(config, seq, model)
+    blocks = model.get_submodule(model.base_model_prefix).layers
     if compile_on:
-        blocks = model.get_submodule(model.base_model_prefix).layers
         # fla layers branch on their integer layer_idx: dynamo compiles once per layer, and past
         # recompile_limit (8) it would silently run the remaining layers eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
@@ -239,36 +283,54 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, bf16_param
             torch._dynamo.config.accumulated_recompile_limit, 8 * len(blocks) + 32)
         for i, block in enumerate(blocks):
             blocks[i] = torch.compile(block)
+    if precision == "fsdp":
+        mesh = one_rank_mesh(device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                                  reduce_dtype=torch.float32)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     params = list(model.parameters())
     # The trainer's optimizer settings (torchtitan defaults), fused implementation.
     optimizer = torch.optim.AdamW(params, lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_params and _on_gpu())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "autocast" and on_gpu)
     setup_s = time.perf_counter() - start
 
-    step_s, losses = [], []
+    def step(inputs, labels):
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    losses = []
     gc_enabled = gc.isenabled()
     gc.disable()  # as in the trainer (torchtitan collects every training.gc_freq steps): no GC pauses
     try:
-        for inputs, labels in batches:
-            t0 = time.perf_counter()
-            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast:
-                loss = model(input_ids=inputs, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize()
-            step_s.append(time.perf_counter() - t0)
-            losses.append(loss.detach())
+        t0 = time.perf_counter()
+        losses.append(step(*batches[0]))
+        synchronize()
+        first_step_s = time.perf_counter() - t0
+        for inputs, labels in batches[1:args.warmup]:
+            losses.append(step(inputs, labels))
+        # Timed steps run back to back, one sync at each end: no per-step host sync.
+        synchronize()
+        t0 = time.perf_counter()
+        for inputs, labels in batches[max(args.warmup, 1):]:
+            losses.append(step(inputs, labels))
+        synchronize()
+        timed_s = time.perf_counter() - t0
     finally:
         if gc_enabled:
             gc.enable()
-    tokens = batch * seq
+    timed_steps = len(batches[max(args.warmup, 1):])
     row = {
-        "tokens_per_s": tokens / statistics.median(step_s[args.warmup:]) if step_s[args.warmup:] else None,
+        "tokens_per_s": batch * seq * timed_steps / timed_s if timed_steps else None,
         "peak_gib": peak_memory_gib(device),
-        "first_step_s": step_s[0],
+        "first_step_s": first_step_s,
         "setup_s": setup_s,
         "loss_first": float(losses[0]),
         "loss_last": float(losses[-1]),
@@ -424,7 +486,7 @@ def main(argv=None) -> int:
                                 args_for_run = argparse.Namespace(**{**vars(args), "varlen": row["varlen"]})
                                 row.update(run_trainer(model, seq, batch, compile_on, args_for_run))
                             else:
-                                row.update(run_bare(model, seq, batch, compile_on, impl == "bare-bf16", args))
+                                row.update(run_bare(model, seq, batch, compile_on, BARE_PRECISION[impl], args))
                         except Exception as e:  # noqa: BLE001  (one failed run, e.g. OOM, must not end the sweep)
                             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
                         free_memory()

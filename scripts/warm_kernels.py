@@ -55,10 +55,8 @@ On CPU, Triton runs through its interpreter and autotuning is pinned to the firs
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,8 +66,7 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RESULT_GLOB = "*/*.autotune.json"  # check_disk_cache: <cache dir>/<sha256 of the tuning inputs>/<kernel>.autotune.json
-MANIFEST = "MANIFEST.json"
+from recipe.autotune_cache import export_results, import_results, result_files, triton_cache_dir  # noqa: E402
 WORKER_VOCAB = 4096  # workers' vocabulary: the logits are the largest allocation and select no autotuned kernel
 
 
@@ -247,74 +244,6 @@ def worker_main(args) -> int:
 # --------------------------------------------------------------------------- autotune result files
 
 
-def triton_cache_dir() -> str:
-    from triton import knobs
-
-    return knobs.cache.dir
-
-
-def result_files(cache_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(cache_dir, RESULT_GLOB)))
-
-
-def software() -> dict:
-    import importlib.metadata as md
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    import torch
-
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "triton": version("triton"),
-        "torch": torch.__version__,
-        "fla": version("flash-linear-attention") or version("fla-core"),
-    }
-
-
-def export_results(cache_dir: str, dest: str) -> tuple[int, int]:
-    """Copy <cache>/<hash>/<kernel>.autotune.json to <dest>/<hash>/...; returns (files, bytes)."""
-    files = result_files(cache_dir)
-    size = 0
-    for path in files:
-        rel = os.path.relpath(path, cache_dir)
-        os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy2(path, os.path.join(dest, rel))
-        size += os.path.getsize(path)
-    with open(os.path.join(dest, MANIFEST), "w") as f:
-        json.dump({**software(), "files": len(files)}, f, indent=1)
-    return len(files), size
-
-
-def import_results(src: str, cache_dir: str) -> tuple[int, str | None]:
-    """Copy the result files of an export into the Triton cache; returns (files, mismatch warning)."""
-    if not os.path.isdir(src):
-        raise SystemExit(f"warm_kernels: --import-cache {src}: no such folder")
-    warning = None
-    manifest = os.path.join(src, MANIFEST)
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            theirs = json.load(f)
-        ours = software()
-        diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
-        if diff:
-            warning = "exported on different hardware/software; those results will not match: " + ", ".join(
-                f"{k} {a} (export) vs {b} (here)" for k, (a, b) in diff.items())
-    files = result_files(src)
-    for path in files:
-        rel = os.path.relpath(path, src)
-        target = os.path.join(cache_dir, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp.{os.getpid()}"
-        shutil.copy2(path, tmp)
-        os.replace(tmp, target)  # a concurrent reader sees the whole file or none, as with Triton's own writes
-    return len(files), warning
-
-
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -373,7 +302,10 @@ def main(argv=None) -> int:
 
     if args.import_cache:
         t = time.perf_counter()
-        n, warning = import_results(args.import_cache, cache_dir)
+        try:
+            n, warning = import_results(args.import_cache, cache_dir)
+        except FileNotFoundError as e:
+            raise SystemExit(f"warm_kernels: --import-cache {e}")
         print(f"[import]  {n} autotune results from {args.import_cache}: {time.perf_counter() - t:.1f} s")
         if warning:
             print(f"[import]  warning: {warning}")

@@ -83,8 +83,11 @@ def poison_loss(trainer, steps_to_poison):
     trainer.model.forward = forward_with_nan
 
 
-def test_nan_steps_are_skipped_and_counted(tmp_path):
-    trainer = make_trainer(tmp_path)
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_nan_steps_are_skipped_and_counted(tmp_path, implementation):
+    # fused: the optimizer kernel skips on a device flag (no host sync); foreach: decided on the host.
+    trainer = make_trainer(tmp_path, "--optimizer.implementation", implementation)
+    assert trainer.skip_on_device == (implementation == "fused")
     poison_loss(trainer, {2})
     batches = micro_batches(trainer, 3)
     before = None
@@ -94,11 +97,13 @@ def test_nan_steps_are_skipped_and_counted(tmp_path):
         trainer.step = step
         record = trainer.train_step(batch)
         if step == 2:
-            assert record["skipped"] and trainer.skipped_steps == 1
+            assert bool(record["found_inf"]) and trainer.skipped_steps == 1
             for n, p in trainer.model.named_parameters():
                 assert torch.equal(p, before[n]), f"{n} changed on a skipped step"
-            assert all(p.grad is None or not p.grad.isnan().any() for p in trainer.model.parameters())
-    assert not record["skipped"] and trainer.consecutive_skips == 0 and trainer.skipped_steps == 1
+            state = trainer.optimizers.optimizers[0].state
+            assert all(int(s["step"]) == 1 for s in state.values())  # the skipped step is not counted
+    assert not bool(record["found_inf"]) and trainer.consecutive_skips == 0 and trainer.skipped_steps == 1
+    assert all(int(s["step"]) == 2 for s in trainer.optimizers.optimizers[0].state.values())
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     trainer.close()
 
@@ -110,6 +115,23 @@ def test_too_many_consecutive_skips_stop_with_a_checkpoint(tmp_path):
         trainer.train()
     trainer.close()
     assert (tmp_path / "checkpoint" / "step-3" / ".metadata").exists()
+
+
+def test_skip_limit_is_checked_on_log_steps(tmp_path):
+    # Skips are counted where the loop syncs anyway (log steps): with log_freq 3 the two skips at
+    # steps 2-3 are found at step 3; a good step in between resets the count.
+    trainer = make_trainer(tmp_path, "--training.max_consecutive_skips", "2", "--metrics.log_freq", "3",
+                           "--training.steps", "6", "--optimizer.implementation", "fused")
+    poison_loss(trainer, {2, 3})
+    with pytest.raises(TooManySkippedSteps, match="up to step 3"):
+        trainer.train()
+    trainer.close()
+    trainer = make_trainer(tmp_path / "b", "--training.max_consecutive_skips", "2", "--metrics.log_freq", "3",
+                           "--training.steps", "6", "--optimizer.implementation", "fused")
+    poison_loss(trainer, {2, 4, 6})
+    trainer.train()
+    assert trainer.skipped_steps == 3 and trainer.consecutive_skips == 1
+    trainer.close()
 
 
 CALLS = []
@@ -149,17 +171,58 @@ def test_bad_hook_path_is_a_config_error(tmp_path):
         make_trainer(tmp_path, "--hooks.post_step", "no_such_module:Hook")
 
 
-def test_mixed_precision_without_fsdp_uses_autocast(tmp_path):
-    # flame #29: single-device/DDP runs silently trained in fp32. Here the forward is bf16.
-    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16")
-    dtypes = []
-    trainer.model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+def lm_head_dtypes(trainer):
+    """(weight dtype during the forward, output dtype) of lm_head for one training step."""
+    seen = []
+    trainer.model.lm_head.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
     (batch,) = micro_batches(trainer)
     trainer.step = 1
     trainer.train_step(batch)
+    return seen
+
+
+def test_single_device_mixed_precision_uses_fsdp(tmp_path):
+    # One device, bf16: FSDP2 over a one-rank mesh computes with bf16 weights cast once per step
+    # and keeps fp32 masters (faster and lighter than autocast, which recasts in every forward).
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16")
+    assert isinstance(trainer.model, FSDPModule)
+    assert lm_head_dtypes(trainer) == [(torch.bfloat16, torch.bfloat16)]
+    params = list(trainer.model.parameters())
     trainer.close()
-    assert dtypes == [torch.bfloat16]
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in params)  # fp32 master weights
+
+
+def test_mixed_precision_without_fsdp_uses_autocast(tmp_path):
+    # flame #29: single-device/DDP runs silently trained in fp32. Without FSDP the forward runs
+    # under autocast: fp32 weights, bf16 matmuls.
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
+                           "--parallelism.no_single_device_fsdp")
+    assert lm_head_dtypes(trainer) == [(torch.float32, torch.bfloat16)]
+    trainer.close()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_nan_skip_on_device_with_fsdp(tmp_path):
+    # The fused optimizer's found_inf flag on DTensor parameters (single-device FSDP).
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
+                           "--optimizer.implementation", "fused")
+    assert trainer.skip_on_device
+    poison_loss(trainer, {2})
+    batches = micro_batches(trainer, 3)
+    for step, batch in enumerate(batches, start=1):
+        if step == 2:
+            before = {n: p.detach().full_tensor().clone() for n, p in trainer.model.named_parameters()}
+        trainer.step = step
+        trainer.train_step(batch)
+        if step == 2:
+            for n, p in trainer.model.named_parameters():
+                assert torch.equal(p.full_tensor(), before[n]), f"{n} changed on a skipped step"
+    assert trainer.skipped_steps == 1
+    assert any(not torch.equal(p.full_tensor(), before[n]) for n, p in trainer.model.named_parameters())
+    trainer.close()
 
 
 def test_varlen_needs_an_fla_model(tmp_path):

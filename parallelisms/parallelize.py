@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def _float8_tp(job_config) -> bool:
     """Float8 all-gathers in TP only for tensorwise scaling (rowwise gathers in high precision)."""
-    if "float8" not in job_config.model.converters:
+    if "quantize.linear.float8" not in job_config.model.converters:
         return False
     return job_config.quantize.linear.float8.recipe_name not in ("rowwise", "rowwise_with_gw_hp")
 

@@ -364,6 +364,21 @@ def data_parallel_degrees(config, world_size: int) -> tuple[int, int]:
     return p.data_parallel_replicate_degree, shard
 
 
+def _validate_converters(names: list[str]) -> None:
+    """model.converters names torchtitan's registry (flame's older "float8" is now
+    "quantize.linear.float8"); an unknown name would otherwise be a KeyError deep in the trainer."""
+    import torchtitan.components.quantization  # noqa: F401  (registers the float8/mx converters)
+    from torchtitan.protocols.model_converter import _registry_model_converter_cls as registry
+
+    for name in names:
+        if name not in registry:
+            close = [k for k in registry if k.endswith("." + name)] or difflib.get_close_matches(name, registry, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"model.converters: unknown converter '{name}'; {hint}registered: {', '.join(sorted(registry))}"
+            )
+
+
 def validate(config, world_size: int) -> None:
     """Cross-field checks that need no devices and no process group."""
     t, p, c = config.training, config.parallelism, config.checkpoint
@@ -392,6 +407,8 @@ def validate(config, world_size: int) -> None:
         raise ConfigError(f"optimizer.name={config.optimizer.name!r}: torchtitan builds 'Adam' or 'AdamW'")
     if config.lr_scheduler.warmup_steps < 0:
         raise ConfigError(f"lr_scheduler.warmup_steps={config.lr_scheduler.warmup_steps}: must be >= 0")
+
+    _validate_converters(config.model.converters)
 
     for key, what in _UNSUPPORTED_DEGREES.items():
         if getattr(p, key) != 1:

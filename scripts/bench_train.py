@@ -73,6 +73,8 @@ def parse_args(argv=None):
                    help="trainer rows: metrics.log_freq (a real job's cadence; --warmup must be a multiple)")
     p.add_argument("--varlen", action="store_true", help="trainer rows pack each batch into one row (fla models)")
     p.add_argument("--tp", type=int, default=1, help="trainer rows: parallelism.tensor_parallel_degree")
+    p.add_argument("--trainer-args", default="",
+                   help='extra trainer overrides, e.g. "--model.converters quantize.linear.float8"')
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="cpu hides the GPUs (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON-lines file (default $OUT/bench_train.jsonl if OUT is set)")
@@ -172,7 +174,7 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dic
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as dump:
         jc = parse_job_config(job_args(model, seq, batch, args.warmup + args.steps, compile_on, args.varlen,
-                                       args.tp, dump, args.log_freq))
+                                       args.tp, dump, args.log_freq) + shlex.split(args.trainer_args))
         start = time.perf_counter()
         trainer = Trainer(jc)
         setup_s = time.perf_counter() - start
@@ -388,7 +390,8 @@ def table_row(row: dict) -> list[str]:
         return "—" if v is None else format(v, fmt)
 
     impl = row["impl"] + "".join(f" ({tag})" for tag, on in (
-        ("fsdp", row.get("fsdp")), ("varlen", row.get("varlen")), (f"tp {row['tp']}", row.get("tp", 1) > 1)) if on)
+        ("fsdp", row.get("fsdp")), ("varlen", row.get("varlen")), (f"tp {row['tp']}", row.get("tp", 1) > 1),
+        (row.get("trainer_args"), row.get("trainer_args"))) if on)
     if row.get("error"):
         error = row["error"] if row["error"].startswith("skipped") else f"failed: {row['error'][:80]}"
         return [row["model"], str(row["seq"]), str(row["batch"]), "on" if row["compile"] else "off", impl,
@@ -474,7 +477,8 @@ def main(argv=None) -> int:
                 for impl in sorted(args.impls, key=lambda i: i == "trainer"):
                     row = {"model": name, "config": model, "seq": seq, "batch": batch, "compile": compile_on,
                            "impl": impl, "varlen": impl == "trainer" and args.varlen and is_fla,
-                           "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"]}
+                           "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"],
+                           "trainer_args": args.trainer_args if impl == "trainer" else ""}
                     if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
                         row["error"] = f"skipped: --budget-s {args.budget_s:g} spent"
                     elif impl == "trainer" and args.varlen and not is_fla:

@@ -272,3 +272,24 @@ def test_bad_custom_import_is_one_line(tmp_path):
 
     with pytest.raises(UserError, match="experimental.custom_import: cannot import 'no_such_pkg'"):
         make_trainer(tmp_path, "--experimental.custom_import", "no_such_pkg")
+
+
+def test_float8_converter_swaps_linears(tmp_path):
+    # torchtitan's name is quantize.linear.float8; emulation runs the float8 casts on CPU.
+    from torchao.float8.float8_linear import Float8Linear
+
+    trainer = make_trainer(tmp_path, "--model.converters", "quantize.linear.float8",
+                           "--quantize.linear.float8.emulate")
+    swapped = [n for n, m in trainer.model.named_modules() if isinstance(m, Float8Linear)]
+    assert "model.layers.0.self_attn.q_proj" in swapped and "model.layers.0.mlp.down_proj" in swapped
+    (batch,) = micro_batches(trainer)
+    trainer.step = 1
+    assert torch.isfinite(torch.tensor(trainer.train_step(batch)["loss"]))
+    trainer.close()
+
+
+def test_unknown_converter_is_one_line(tmp_path):
+    from recipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown converter 'float8'; did you mean 'quantize.linear.float8'"):
+        make_trainer(tmp_path, "--model.converters", "float8")

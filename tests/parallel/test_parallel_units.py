@@ -283,8 +283,8 @@ def test_float8_uses_torchao_styles():
     from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
 
     cfg = H.model_config("llama")
-    tensorwise = job("llama", tp=2, extra=("--model.converters", "float8"))
-    rowwise = job("llama", tp=2, extra=("--model.converters", "float8",
+    tensorwise = job("llama", tp=2, extra=("--model.converters", "quantize.linear.float8"))
+    rowwise = job("llama", tp=2, extra=("--model.converters", "quantize.linear.float8",
                                         "--quantize.linear.float8.recipe_name", "rowwise"))
     assert make_plan(cfg, tensorwise, 2).float8 and not make_plan(cfg, rowwise, 2).float8
     model = H.build(cfg)

@@ -46,7 +46,9 @@ def apply_fsdp(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kwargs = {"mesh": dp_mesh, "mp_policy": mp}
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory needs an accelerator (pin_memory() raises "Cannot access accelerator
+        # device when none is available"); on a CPU mesh the "offload" copies are no-ops anyway.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type != "cpu")
     reshard = _reshard_after_forward(reshard_after_forward_policy)
 
     if not tied:

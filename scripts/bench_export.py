@@ -12,6 +12,16 @@ through the real ``rollout`` hook (gather → pack → transport → load_weight
 times after a warm-up. ``fill s`` is the same gathers and packing with no transport: an export
 close to it means the transfer hid behind the gathers. With ``--check`` (small models) the
 engine's TP forward must reproduce the trainer's logits.
+
+A second table splits each export into phases (median over the repeats, milliseconds of host
+time). Trainer (sending rank): ``start`` (connect check + start message), ``buffer`` (waiting
+for a free bucket buffer: gloo/ipc on the host; nccl only queues a device-side wait), ``fill`` (gather + cast + pack launch), ``send`` (control message +
+data: the whole transfer for gloo, a launch for nccl, sync + ack for ipc), ``agree`` (trainer
+ranks agreeing on the outcome), ``finish`` (draining the transfers + the receivers' final ack).
+Receiver (engine rank 0): ``start lag`` (trainer's start() to the receiver seeing it),
+``ctl wait`` (waiting for the trainer's next message), ``data`` (receiving: for nccl only the
+launch), ``load`` (``load_weights``), ``finish`` (final sync + ack). For nccl most device time
+surfaces in the trainer's ``finish`` and the receiver's ``finish``.
 """
 
 from __future__ import annotations
@@ -136,7 +146,7 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
         fills.append(time.perf_counter() - t0)
     del slots
 
-    times, peaks = [], []
+    times, peaks, phases = [], [], []
     for version in range(args.repeats + 1):  # version 0 warms up (rendezvous, NCCL communicators)
         sync()
         if gpu:
@@ -148,6 +158,7 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
         if version:
             times.append(time.perf_counter() - t0)
             peaks.append((torch.cuda.max_memory_allocated() - base) if gpu else 0)
+            phases.append(dict(hook.last_phases))
 
     logits = None
     if args.check:
@@ -155,7 +166,7 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
             logits = model(input_ids=probe_ids(cfg.vocab_size).to(device)).logits.float().cpu()
     hook.close()
     if rank == 0:
-        torch.save({"times": times, "fills": fills, "peaks": peaks, "bytes": source.total_bytes,
+        torch.save({"times": times, "fills": fills, "peaks": peaks, "phases": phases, "bytes": source.total_bytes,
                     "buckets": len(source.buckets), "largest": max(it.nbytes for it in source.items),
                     "params": sum(p.numel() for p in model.parameters()), "logits": logits},
                    os.path.join(out, "trainer.pt"))
@@ -185,13 +196,16 @@ def engine(rank: int, args, port: int, out: str) -> None:
                                       timedelta(seconds=120))
     cfg = llama_config(args.model)
     eng = LlamaTPEngine(cfg, torch.bfloat16, rank, args.engine_gpus, group, device)
-    last = None
+    last, stats = None, []
     while True:
         try:
             last = endpoint.receive(eng.load_weights, start=lambda v: eng.coverage.reset(),
                                     finish=lambda v: eng.coverage.check())
         except TrainerClosed:
             break
+        stats.append(dict(endpoint.stats))
+    if rank == 0:
+        torch.save(stats[1:], os.path.join(out, "engine_stats.pt"))  # the first version is the warm-up
     if args.check and last is not None:
         logits = eng.logits(probe_ids(cfg.vocab_size)).float().cpu()
         if rank == 0:
@@ -204,6 +218,10 @@ def _run(role, rank, args, port, store_port, out):
 
     logging.basicConfig(level=logging.INFO, format=f"[{role} {rank}] %(message)s")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if args.transport == "gloo" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU runs: every process's intra-op pool on all cores oversubscribes them (on a 2-core
+        # box a 1 MiB fp32->bf16 copy took 10-15 ms with 2 threads per process, 0.1 ms with 1).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (args.trainer_gpus + args.engine_gpus)))
     if role == "trainer":
         trainer(rank, args, port, store_port, out)
     else:
@@ -224,6 +242,8 @@ def bench(args) -> dict:
         return {"skip": f"needs {n} GPUs"}
     mp.start_processes(_entry, args=(args, free_port(), free_port(), out), nprocs=n, join=True, start_method="spawn")
     res = torch.load(os.path.join(out, "trainer.pt"))
+    path = os.path.join(out, "engine_stats.pt")
+    res["engine_stats"] = torch.load(path) if os.path.exists(path) else []
     if args.check:
         eng = torch.load(os.path.join(out, "engine.pt"))
         diff = (eng["logits"] - res["logits"]).abs().max().item()
@@ -253,6 +273,7 @@ def main() -> None:
               "| GiB/s | fill-only s | sender peak extra MiB | check |")
     lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
     print("\n".join(lines), flush=True)
+    breakdown = []
     for transport, model, bucket, tg, eg in rows:
         a = argparse.Namespace(**{**vars(args), "transport": transport, "model": model, "bucket_mb": bucket,
                                   "trainer_gpus": tg, "engine_gpus": eg,
@@ -269,7 +290,28 @@ def main() -> None:
             line = (f"| {transport} | {model} | {r['params'] / 1e9:.2f}B | {gib:.2f} | {r['buckets']} | {bucket:g} "
                     f"| {tg}/{eg} | {t:.3f} | {gib / t:.1f} | {statistics.median(r['fills']):.3f} "
                     f"| {max(r['peaks']) / 2**20:.0f} | {r.get('check', '')} |")
+            spread = f"{1e3 * t:.1f} ({1e3 * min(r['times']):.1f}-{1e3 * max(r['times']):.1f})"
+            breakdown.append(phase_row(f"| {transport} | {model} | {bucket:g} | {tg}/{eg} | {spread} ", r))
         print(line, flush=True)
+    if breakdown:
+        print("\nPhases (median ms of host time; trainer = sending rank, receiver = engine rank 0):", flush=True)
+        cols = ["start", "buffer", "fill", "send", "agree", "finish"]
+        rcols = ["start_delay", "ctl_wait", "data", "load", "finish"]
+        header = ("| transport | model | bucket MiB | GPUs | export ms (min-max) | " + " | ".join(cols) + " | "
+                  + " | ".join(f"recv {c.replace('start_delay', 'start lag').replace('_', ' ')}" for c in rcols) + " |")
+        print(header + "\n|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|", flush=True)
+        print("\n".join(breakdown), flush=True)
+
+
+def phase_row(prefix: str, r: dict) -> str:
+    def med(rows: list[dict], key: str) -> str:
+        vals = [row[key] for row in rows if key in row]
+        return f"{1e3 * statistics.median(vals):.1f}" if vals else ""
+
+    cols = ["start", "buffer", "fill", "send", "agree", "finish"]
+    rcols = ["start_delay", "ctl_wait", "data", "load", "finish"]
+    return (prefix + "| " + " | ".join(med(r.get("phases", []), c) for c in cols) + " | "
+            + " | ".join(med(r.get("engine_stats", []), c) for c in rcols) + " |")
 
 
 if __name__ == "__main__":

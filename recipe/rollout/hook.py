@@ -75,9 +75,14 @@ class RolloutHook:
         self.source: WeightSource | None = None
         self.exported: list[int] = []  # versions the engine applied
         self.failed: list[int] = []
+        # Host seconds per phase of the last export (scripts/bench_export.py prints them). With an
+        # asynchronous transport (nccl) "send" is only the launch and "buffer" a device-side wait;
+        # the transfer time shows up in "finish" (drain + final ack).
+        self.last_phases: dict[str, float] = {}
 
     def __call__(self, state: StepState) -> None:
-        if not self.enabled or state.skipped or state.step % self.cfg.interval:
+        # The step test first: reading `skipped` waits for the device.
+        if not self.enabled or state.step % self.cfg.interval or state.skipped:
             return
         self.export(state.model, state.step)
 
@@ -113,25 +118,46 @@ class RolloutHook:
         source = self._source(model)
         sender = self.transport is not None
         t0 = time.perf_counter()
+        phases = self.last_phases = dict.fromkeys(("start", "buffer", "fill", "send", "agree", "finish"), 0.0)
+        clock = [t0]
+
+        def lap(phase: str) -> None:
+            now = time.perf_counter()
+            phases[phase] += now - clock[0]
+            clock[0] = now
+
         error, sent = None, 0
         if sender:
             error = self._attempt(self.transport.init) or self._attempt(self.transport.start, version,
                                                                         source.manifest())
+        lap("start")
         ok = self._agree(error is None)
+        lap("agree")
         if ok:
             for plan in source.buckets:
-                buffer = self.transport.buffer(plan.nbytes) if sender else None
+                buffer = None
+                if sender:  # may raise too (a failed broadcast surfaces here): not a training error
+                    try:
+                        buffer = self.transport.buffer(plan.nbytes)
+                    except Exception as e:  # noqa: BLE001
+                        error = f"{type(e).__name__}: {e}"
+                lap("buffer")
                 source.fill(plan, buffer)  # collective on every rank
-                if sender:
+                lap("fill")
+                if sender and error is None:
                     error = self._attempt(self.transport.send, Bucket(plan.index, plan.metas, buffer, plan.nbytes))
                     sent += plan.nbytes if error is None else 0
+                lap("send")
                 if not self._agree(error is None):
                     ok = False
                     break
+                lap("agree")
             else:
                 if sender:
                     error = self._attempt(self.transport.finish, version)
+                lap("finish")
                 ok = self._agree(error is None)
+                lap("agree")
         seconds = time.perf_counter() - t0
         if ok:
             self.exported.append(version)

@@ -96,6 +96,14 @@ class WeightSource:
     def fill(self, plan: BucketPlan, out: torch.Tensor | None) -> None:
         """Gather the bucket's parameters (on every rank) and, given ``out``, pack them into it."""
         for item, meta in plan.entries:
+            if item.combine is None and not isinstance(p := self.params[item.sources[0]], DTensor):
+                # Nothing to gather or combine: cast while packing, one pass over the parameter
+                # and no temporary (``.to`` then ``copy_`` read and wrote it twice). Same rounding.
+                if tuple(p.shape) != meta.shape:
+                    raise RuntimeError(f"rollout: {item.name} is {tuple(p.shape)}, planned {meta.shape}")
+                if out is not None:
+                    out[meta.offset:meta.offset + meta.nbytes].view(item.dtype).view(meta.shape).copy_(p.detach())
+                continue
             tensor = item.build([self.gather(s, item.dtype) for s in item.sources])
             if tuple(tensor.shape) != meta.shape or tensor.dtype != item.dtype:
                 raise RuntimeError(f"rollout: {item.name} came out {tuple(tensor.shape)} {tensor.dtype}, "

@@ -37,6 +37,7 @@ from recipe.rollout.vllm_worker import (
     agree,
     ipc_handle,
     make_groups,
+    send_hello,
     send_obj,
     shutdown_group,
 )
@@ -98,6 +99,7 @@ class GroupTransport(Transport):
         self.world_size = 1 + cfg.engine_world_size
         self.store = self.ctl = self.data = None
         self.n_started = 0
+        self.host_buffer: torch.Tensor | None = None
 
     def init(self) -> None:
         if self.ctl is not None:
@@ -117,7 +119,7 @@ class GroupTransport(Transport):
             self.prefix = f"flare/g{gen}/"
             # Blocks until every receiver rank has joined, at most the group timeout.
             self.ctl, self.data = make_groups(self.store, self.prefix, 0, self.world_size, self.backend, self.timeout)
-            send_obj(self.ctl, {"op": "hello", "protocol": PROTOCOL_VERSION, "backend": self.backend})
+            send_hello(self.ctl, {"op": "hello", "protocol": PROTOCOL_VERSION, "backend": self.backend})
         except Exception as e:
             self.close()
             raise TransportError(f"rendezvous with {self.world_size - 1} receiver rank(s) on "
@@ -128,9 +130,18 @@ class GroupTransport(Transport):
 
     def start(self, version: int, manifest: list[TensorMeta]) -> None:
         self.n_started += 1
+        t = time.time()  # receivers report start() → start received as stats["start_delay"]
         # Receivers idle on this key between versions, not in a collective (no timeout while training).
         self.store.set(f"{self.prefix}start{self.n_started}", "1")
-        send_obj(self.ctl, {"op": "start", "version": version, "n_tensors": len(manifest)})
+        send_obj(self.ctl, {"op": "start", "version": version, "n_tensors": len(manifest), "t": t})
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        # gloo's broadcast is synchronous (send() returns once every receiver has the bytes), so
+        # one host buffer serves the whole export; a fresh one per bucket page-faulted on every fill.
+        if self.host_buffer is None or self.host_buffer.numel() < nbytes:
+            self.host_buffer = None
+            self.host_buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self.host_buffer
 
     def send(self, bucket: Bucket) -> None:
         send_obj(self.ctl, self._bucket_msg(bucket))
@@ -146,6 +157,7 @@ class GroupTransport(Transport):
         self.data.broadcast([bucket.buffer[:bucket.nbytes]], opts).wait()
 
     def finish(self, version: int) -> None:
+        self.host_buffer = None  # not held between exports
         send_obj(self.ctl, {"op": "finish", "version": version})
         if not agree(self.ctl, True):
             raise TransportError(f"a receiver rejected version {version} (see the receiver's log)")
@@ -170,12 +182,17 @@ class GroupTransport(Transport):
         for pg in {id(p): p for p in (self.ctl, self.data) if p is not None}.values():
             shutdown_group(pg)
         self.ctl = self.data = self.store = None
+        self.host_buffer = None
 
 
 class NcclTransport(GroupTransport):
     """Flat GPU buckets broadcast on a dedicated NCCL group, two buffers in rotation: while
     bucket k is being broadcast (NCCL's stream), bucket k+1 is gathered and packed into the other
-    buffer (compute stream). A buffer is reused only after its previous broadcast completed."""
+    buffer (compute stream). A buffer is refilled only after its previous broadcast completed:
+    the compute stream waits for that broadcast on the device, so the host never blocks per bucket
+    (a host poll with 1 ms sleeps left the link idle between buckets). The host waits, bounded by
+    the timeout, once per export in ``finish``; a dead receiver cannot stall a device-side wait
+    past the group's own timeout either (the communicator is then aborted, see make_groups)."""
 
     name = "nccl"
     backend = "nccl"
@@ -189,21 +206,21 @@ class NcclTransport(GroupTransport):
     def buffer(self, nbytes: int) -> torch.Tensor:
         i = self.turn
         self.turn ^= 1
-        self._wait(i)
+        work, self.works[i] = self.works[i], None
+        if work is not None:
+            work.wait()  # device-side: the fill into slot i is queued after its previous broadcast
         if self.slots[i] is None or self.slots[i].numel() < nbytes:
             self.slots[i] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         return self.slots[i]
 
-    def _wait(self, i: int) -> None:
-        work, self.works[i] = self.works[i], None
-        if work is None:
-            return
+    def _wait_host(self, works: list) -> None:
         deadline = time.monotonic() + self.timeout.total_seconds()
-        while not work.is_completed():  # bounded host wait: a dead receiver must not hang us
-            if time.monotonic() > deadline:
-                raise TransportError(f"NCCL broadcast did not complete within {self.cfg.timeout_s}s")
-            time.sleep(0.001)
-        work.wait()  # raises if the communicator was aborted
+        for work in works:
+            while not work.is_completed():  # bounded host wait: a dead receiver must not hang us
+                if time.monotonic() > deadline:
+                    raise TransportError(f"NCCL broadcast did not complete within {self.cfg.timeout_s}s")
+                time.sleep(0.0002)
+            work.wait()  # raises if the communicator was aborted
 
     def _send_data(self, bucket: Bucket) -> None:
         opts = dist.BroadcastOptions()
@@ -214,8 +231,8 @@ class NcclTransport(GroupTransport):
         self.works[slot] = work
 
     def finish(self, version: int) -> None:
-        for i in range(2):
-            self._wait(i)
+        works, self.works = [w for w in self.works if w is not None], [None, None]
+        self._wait_host(works)
         self.slots = [None, None]  # back to the allocator for training; not held between exports
         super().finish(version)
 

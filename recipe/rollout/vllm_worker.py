@@ -12,11 +12,13 @@ Protocol (transfer group: the trainer's sending rank is rank 0, receivers are ra
   A trainer connects as a client and bumps ``flare/gen``; every receiver that sees a new
   generation builds the groups under the prefix ``flare/g<gen>/``. A dead or restarted peer is
   therefore handled by starting a new generation, never by reusing a broken group.
-* Control messages are JSON broadcast from rank 0 on a gloo group (CPU, with timeouts):
+* Control messages are JSON broadcast from rank 0 on a gloo group (CPU, with timeouts), one
+  fixed-size frame each (``send_obj``; the ``hello`` keeps version 1's framing):
   ``start`` → ``bucket``* → ``finish`` (or ``abort``), and ``close`` when the trainer ends.
   JSON, not pickle: a receiver must not execute what arrives on a socket.
-* Receivers idle on the store between versions (``flare/g<gen>/start<n>`` keys), not inside a
-  collective, so a long training interval never trips a collective timeout.
+* Receivers idle on the store between versions (``flare/g<gen>/start<n>`` keys, watched by a
+  blocking ``TCPStore.wait`` on a helper thread), not inside a collective, so a long training
+  interval never trips a collective timeout.
 * A bucket is one flat ``uint8`` buffer plus its metadata list (name, dtype, shape, offset, nbytes),
   the metadata sent first. Data goes over the gloo group (``gloo``), a separate NCCL group
   (``nccl``), or as a CUDA IPC handle of the trainer's buffer (``ipc``), acknowledged per bucket so
@@ -32,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,7 +45,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one-broadcast message frames (the hello keeps version 1's framing)
 ALIGN = 64  # byte alignment of tensors in a bucket: any dtype view of a slice is legal
 _POLL_S = 0.05
 
@@ -104,14 +107,49 @@ def _bcast(pg, tensor: torch.Tensor) -> None:
     pg.broadcast([tensor], opts).wait()
 
 
+# A control message is one broadcast of a fixed-size frame: 8 bytes of length, then the JSON; a
+# message longer than the frame sends its tail in a second broadcast. A gloo broadcast returns on
+# the root only once every receiver took it, so each one is a round trip on the sender's path,
+# once per bucket: version 1 sent the length and the body separately, two round trips per
+# message. 16 KiB holds a bucket of ~150 tensors and costs the same time as 8 bytes on loopback.
+_FRAME = 16384
+
+
 def send_obj(pg, obj: dict) -> None:
     """Rank 0: broadcast a JSON message on the (gloo) control group."""
+    data = json.dumps(obj).encode()
+    frame = bytearray(_FRAME)
+    frame[:8] = len(data).to_bytes(8, "little")
+    head = data[:_FRAME - 8]
+    frame[8:8 + len(head)] = head
+    _bcast(pg, torch.frombuffer(frame, dtype=torch.uint8))
+    if len(data) > _FRAME - 8:
+        _bcast(pg, torch.frombuffer(bytearray(data[_FRAME - 8:]), dtype=torch.uint8))
+
+
+def recv_obj(pg) -> dict:
+    frame = torch.empty(_FRAME, dtype=torch.uint8)
+    _bcast(pg, frame)
+    raw = frame.numpy().tobytes()
+    n = int.from_bytes(raw[:8], "little")
+    data = raw[8:8 + min(n, _FRAME - 8)]
+    if n > _FRAME - 8:
+        tail = torch.empty(n - (_FRAME - 8), dtype=torch.uint8)
+        _bcast(pg, tail)
+        data += tail.numpy().tobytes()
+    return json.loads(data)
+
+
+def send_hello(pg, obj: dict) -> None:
+    """The connection's first message, in version 1's framing (length, then body) whatever the
+    version, so that a trainer and a receiver of different versions read each other's hello
+    and fail with a clear protocol mismatch instead of a broadcast size error."""
     data = json.dumps(obj).encode()
     _bcast(pg, torch.tensor([len(data)], dtype=torch.int64))
     _bcast(pg, torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
-def recv_obj(pg) -> dict:
+def recv_hello(pg) -> dict:
     n = torch.zeros(1, dtype=torch.int64)
     _bcast(pg, n)
     data = torch.empty(int(n.item()), dtype=torch.uint8)
@@ -244,6 +282,15 @@ class ReceiverEndpoint:
         # The store outlives trainer connections; it only listens, so waiting here is cheap.
         self.store = dist.TCPStore(address, port, is_master=rank == 1, timeout=timedelta(days=365),
                                    wait_for_workers=False)
+        self._address, self._port = address, port
+        self._waiter: tuple[str, threading.Event] | None = None  # see _wait_start
+        # Receive buffers, two in rotation (see _receive_bucket), held for one version only.
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._loaded: list = [None, None]  # CUDA event: the last load out of that buffer is done
+        self._turn = 0
+        self._load_stream = None
+        # Host seconds per phase of the last version (scripts/bench_export.py prints them).
+        self.stats: dict[str, float] = {}
         if rank == 1:  # lets a trainer configured for another engine size fail with a clear message
             self.store.set("flare/world_size", str(world_size))
         self.gen = 0
@@ -265,6 +312,7 @@ class ReceiverEndpoint:
 
     def _drop(self) -> None:
         self._unmap()
+        self._release_buffers()
         for pg in {id(p): p for p in (self.ctl, self.data) if p is not None}.values():
             shutdown_group(pg)
         self.ctl = self.data = None
@@ -283,7 +331,7 @@ class ReceiverEndpoint:
         try:
             self.ctl, self.data = make_groups(self.store, prefix, self.rank, self.world_size, self.backend,
                                               self.timeout)
-            hello = recv_obj(self.ctl)
+            hello = recv_hello(self.ctl)
         except Exception as e:  # noqa: BLE001 - a trainer that vanished during rendezvous
             logger.warning(f"rollout receiver rank {self.rank}: joining generation {gen} failed: {e}")
             self._drop()
@@ -296,16 +344,54 @@ class ReceiverEndpoint:
             logger.info(f"rollout receiver rank {self.rank}: connected to trainer (generation {gen})")
         return True
 
+    def _start_waiter(self, key: str) -> threading.Event:
+        """An event set as soon as ``key`` exists. A daemon thread blocks in ``TCPStore.wait`` on
+        a client of its own (a client is not thread-safe): the server answers the moment the
+        trainer sets the key. Polling ``check`` every _POLL_S instead added up to 50 ms (about
+        25 ms on average, a full 50 ms for back-to-back exports) to every export; a wait with a
+        timeout would log two C++ warnings per timeout while idle."""
+        if self._waiter is not None and self._waiter[0] == key:
+            return self._waiter[1]
+        self._release_waiter()
+        done = threading.Event()
+
+        def wait():
+            try:
+                client = dist.TCPStore(self._address, self._port, is_master=False, timeout=timedelta(days=365),
+                                       wait_for_workers=False)
+                client.wait([key])
+            except Exception:  # noqa: BLE001 - store gone: the main loop notices on its own
+                pass
+            finally:
+                done.set()
+
+        threading.Thread(target=wait, name=f"flare-wait-{key}", daemon=True).start()
+        self._waiter = (key, done)
+        return done
+
+    def _release_waiter(self) -> None:
+        """Wake a waiter whose key the trainer will never set (stale generation, closing)."""
+        if self._waiter is not None:
+            key, done = self._waiter
+            self._waiter = None
+            if not done.is_set():
+                with contextlib.suppress(Exception):
+                    self.store.set(key, "released")  # that generation's groups are already dropped
+
     def _wait_start(self, deadline: float | None) -> bool:
         """Idle on the store (not in a collective) until the trainer starts the next version."""
         key = f"flare/g{self.gen}/start{self.n_started + 1}"
-        while not self.store.check([key]):
+        done = self._start_waiter(key)
+        while not (done.wait(_POLL_S) and self.store.check([key])):
             if self._current_gen() > self.gen:  # the trainer reconnected: this group is stale
                 self._drop()
+                self._release_waiter()
                 return False
+            if done.is_set():  # the waiter failed without the key: fall back to polling
+                time.sleep(_POLL_S)
             if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(_POLL_S)
+                return False  # the waiter stays: the next receive() waits on the same key
+        self._waiter = None
         self.n_started += 1
         return True
 
@@ -364,19 +450,29 @@ class ReceiverEndpoint:
         version = int(msg["version"])
         self.dirty = True
         error = None
+        # ctl_wait: waiting for the trainer's next message; data: receiving a bucket (host time:
+        # for NCCL only the launch); load: load_weights; finish: final sync + ack
+        stats = self.stats = dict.fromkeys(("ctl_wait", "data", "load", "finish"), 0.0)
+        stats["start_delay"] = time.time() - msg["t"] if "t" in msg else 0.0  # trainer's start() to here
         try:
             if start is not None:
                 start(version)
         except Exception as e:  # noqa: BLE001 - report through the final status, stay in step
             error = e
         while True:
+            t0 = time.perf_counter()
             msg = recv_obj(self.ctl)
+            stats["ctl_wait"] += time.perf_counter() - t0
             op = msg["op"]
             if op == "bucket":
                 error = self._receive_bucket(msg, load_weights, error)
             elif op == "finish":
+                t0 = time.perf_counter()
                 if self.device.type == "cuda":  # the copies into the weights are done before we ack
+                    if self._load_stream is not None:
+                        self._load_stream.synchronize()
                     torch.cuda.current_stream(self.device).synchronize()
+                self._release_buffers()
                 self._unmap()  # before the ack: the producer frees its buffers right after it
                 if error is None and finish is not None:
                     try:
@@ -385,12 +481,15 @@ class ReceiverEndpoint:
                         error = e
                 if error is not None:
                     logger.error(f"rollout receiver rank {self.rank}: version {version} rejected: {error}")
-                if not agree(self.ctl, error is None):
+                ok = agree(self.ctl, error is None)
+                stats["finish"] += time.perf_counter() - t0
+                if not ok:
                     if error is None:
                         logger.warning(f"rollout receiver rank {self.rank}: version {version} failed on another rank")
                     return None
                 return version
             elif op == "abort":
+                self._release_buffers()
                 self._unmap()
                 raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
             elif op == "close":
@@ -399,14 +498,18 @@ class ReceiverEndpoint:
                 raise RuntimeError(f"protocol error: unexpected message '{op}'")
 
     def _receive_bucket(self, msg: dict, load_weights, error):
+        stats = self.stats
         metas = [TensorMeta.from_wire(t) for t in msg["tensors"]]
         nbytes = int(msg["nbytes"])
         if self.backend == "ipc":
+            t0 = time.perf_counter()
             mapped = open_ipc_handle(msg["ipc"])
             # Keep the mapping for the rest of the version: the trainer rotates two buffers, and a
             # live mapping makes the next open of the same handle a cache hit instead of a new
             # cudaIpcOpenMemHandle (slow, above all across GPUs).
             self._ipc_mapped[f'{msg["ipc"]["handle"]}@{msg["ipc"]["storage_offset"]}'] = mapped  # torch's cache key
+            t1 = time.perf_counter()
+            stats["data"] += t1 - t0
             if error is None:
                 try:
                     load_weights(list(unpack(mapped[:nbytes], metas)))
@@ -414,17 +517,61 @@ class ReceiverEndpoint:
                 except Exception as e:  # noqa: BLE001
                     error = e
             agree(self.ctl, error is None)  # the ack that lets the producer refill this buffer
+            stats["load"] += time.perf_counter() - t1
             return error
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        t0 = time.perf_counter()
+        slot, buffer = self._buffer(nbytes)
         _bcast(self.data, buffer)  # always take part, even after an error, to stay in step
+        t1 = time.perf_counter()
+        stats["data"] += t1 - t0
         if error is None:
             try:
-                load_weights(list(unpack(buffer, metas)))
+                if self.device.type == "cuda":
+                    # Load on a side stream so that the copies out of bucket k overlap the
+                    # broadcast of bucket k+1 (ProcessGroupNCCL orders a broadcast after all work
+                    # queued on the current stream, so loading there serialized copy and
+                    # transfer). The event lets the broadcast into this buffer two buckets later
+                    # wait for these copies (see _buffer); finish synchronizes this stream.
+                    self._load_stream.wait_stream(torch.cuda.current_stream(self.device))  # the bytes are in
+                    with torch.cuda.stream(self._load_stream):
+                        try:
+                            load_weights(list(unpack(buffer, metas)))
+                        finally:  # also after a failure: what was queued still reads the buffer
+                            self._loaded[slot] = self._load_stream.record_event()
+                else:
+                    load_weights(list(unpack(buffer, metas)))
             except Exception as e:  # noqa: BLE001
                 error = e
+        stats["load"] += time.perf_counter() - t1
         return error
 
+    def _buffer(self, nbytes: int) -> tuple[int, torch.Tensor]:
+        """One of two receive buffers, reused for the whole version. A fresh tensor per bucket
+        costs page faults on the host (gloo) on every bucket; on CUDA the rotation lets loads out
+        of one buffer run while the next bucket arrives in the other. ``load_weights`` copies out
+        of the views it is given (vLLM's contract), so nothing keeps a view past the call."""
+        i = self._turn
+        self._turn ^= 1
+        if self._loaded[i] is not None:  # the broadcast into it waits for the loads out of it
+            torch.cuda.current_stream(self.device).wait_event(self._loaded[i])
+            self._loaded[i] = None
+        if self._bufs[i] is None or self._bufs[i].numel() < nbytes:
+            self._bufs[i] = None
+            self._bufs[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            if self.device.type == "cuda":
+                if self._load_stream is None:
+                    self._load_stream = torch.cuda.Stream(self.device)
+                # Freed (at the end of a version, or after a failure) only once the loads queued
+                # on the side stream are done.
+                self._bufs[i].record_stream(self._load_stream)
+        return i, self._bufs[i][:nbytes]
+
+    def _release_buffers(self) -> None:
+        """Back to the allocator between versions (the engine needs the memory for inference)."""
+        self._bufs, self._loaded, self._turn = [None, None], [None, None], 0
+
     def close(self) -> None:
+        self._release_waiter()
         self._drop()
 
 

@@ -288,6 +288,73 @@ def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
     endpoint.close()
 
 
+def test_control_messages_round_trip_in_one_frame_or_with_a_tail():
+    from recipe.rollout.vllm_worker import _FRAME, recv_hello, recv_obj, send_hello, send_obj
+
+    store = dist.HashStore()  # thread-safe, unlike one TCPStore client shared by two threads
+    messages = [{"op": "x"}, {"op": "big", "tensors": ["w" * 100] * (2 * _FRAME // 100)},
+                {"op": "edge", "pad": "p" * (_FRAME - 8 - len('{"op": "edge", "pad": ""}'))}]
+    got = []
+
+    def rank(r):
+        pg = dist.ProcessGroupGloo(store, r, 2, timedelta(seconds=20))
+        if r == 0:
+            send_hello(pg, {"op": "hello"})
+            for m in messages:
+                send_obj(pg, m)
+        else:
+            got.append(recv_hello(pg))
+            got.extend(recv_obj(pg) for _ in messages)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert got == [{"op": "hello"}, *messages]
+
+
+def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts():
+    """Receivers idle on a store key between versions; polling it every 50 ms added up to 50 ms
+    to every export. The key is now awaited (TCPStore.wait on a helper thread)."""
+    import time
+
+    endpoint = ReceiverEndpoint("127.0.0.1", free_port(), 1, 2, timeout_s=20)
+    endpoint.gen = int(endpoint.store.add("flare/gen", 1))  # as if connected to generation 1
+    lags = []
+    for n in range(1, 4):
+        set_at = []
+
+        def trainer_start():
+            time.sleep(0.225)  # not a multiple of the old 50 ms poll
+            set_at.append(time.monotonic())
+            endpoint.store.set(f"flare/g1/start{n}", "1")
+
+        t = threading.Thread(target=trainer_start)
+        t.start()
+        assert endpoint._wait_start(deadline=time.monotonic() + 10)
+        lags.append(time.monotonic() - set_at[0])
+        t.join()
+    assert endpoint.n_started == 3
+    assert min(lags) < 0.015, lags
+    # a deadline leaves the waiter in place for the next call; close() releases it
+    assert not endpoint._wait_start(deadline=time.monotonic() + 0.1)
+    waiter = endpoint._waiter
+    assert waiter is not None and not waiter[1].is_set()
+    endpoint.close()
+    assert waiter[1].wait(5)
+
+
+def test_packing_casts_in_one_pass_with_the_same_bits():
+    cfg = tiny("llama")
+    model = materialized(cfg)
+    source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 30)
+    (plan,) = source.buckets
+    buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+    source.fill(plan, buf)
+    params = dict(model.named_parameters())
+    for name, view in unpack(buf, plan.metas):
+        assert torch.equal(view, params[name].detach().to(torch.bfloat16)), name
+
+
 def test_no_receiver_fails_at_once():
     transport = GroupTransport(Cfg(engine_port=free_port(), timeout_s=30))
     with pytest.raises(TransportError, match="no rollout receiver listening"):

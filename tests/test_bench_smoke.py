@@ -97,3 +97,17 @@ def test_worker_shares_cover_every_config_once():
             key = (64, "torch.bfloat16")
             taken = [j for i in range(workers) for j in warm.share("kernel", key, n_configs, i, workers)]
             assert sorted(taken) == list(range(n_configs))
+
+
+def test_plot_bench_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="optional: pip install -e '.[plot]'")
+    plot = load_script("plot_bench")
+    results = tmp_path / "bench.jsonl"
+    rows = [{"header": {"device": "CPU"}}] + [
+        {"model": m, "seq": seq, "batch": 1, "compile": False, "impl": "trainer", "tokens_per_s": tps}
+        for m, seq, tps in (("gla", 2048, 10.0), ("gla", 4096, 9.0), ("llama", 2048, 8.0), ("llama", 4096, 4.0))
+    ] + [{"model": "llama", "seq": 8192, "compile": False, "impl": "trainer", "error": "OOM"}]
+    results.write_text("\n".join(json.dumps(r) for r in rows))
+    assert plot.main([str(results), "--out", str(tmp_path / "sweep.png")]) == 0
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(plot.series(plot.load_rows([str(results)]), "seq")) == {"gla (trainer, eager)", "llama (trainer, eager)"}

@@ -119,10 +119,13 @@ def load_hf(folder):
 
 
 def assert_identical(actual: dict, expected: dict):
+    from torch.distributed.tensor import DTensor
+
     assert actual.keys() == expected.keys()
     for key, tensor in expected.items():
-        assert actual[key].dtype == tensor.dtype, key
-        assert torch.equal(actual[key], tensor), f"{key} differs"
+        value = actual[key].full_tensor() if isinstance(actual[key], DTensor) else actual[key]  # FSDP-wrapped trainer
+        assert value.dtype == tensor.dtype, key
+        assert torch.equal(value, tensor), f"{key} differs"
 
 
 # --------------------------------------------------------------------------- 1. round trip

@@ -51,6 +51,16 @@ def export_all(model, adapter, bucket_bytes, engines):
     return source
 
 
+def packed_in_one_bucket(cfg):
+    """(the model's parameters by name, [(name, tensor)] unpacked from one bf16 export bucket)."""
+    model = materialized(cfg)
+    source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 30)
+    (plan,) = source.buckets
+    buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+    source.fill(plan, buf)
+    return dict(model.named_parameters()), list(unpack(buf, plan.metas))
+
+
 # --------------------------------------------------------------------------- adapters
 
 
@@ -82,13 +92,8 @@ def test_dtype_per_parameter():
     assert fp32 == {f"model.layers.{i}.attn.{p}" for i in range(cfg.num_hidden_layers) for p in ("A_log", "dt_bias")}
     assert all(it.dtype == torch.bfloat16 for it in items if it.name not in fp32)
     # The packed bytes are the trainer's values cast per parameter.
-    model = materialized(cfg)
-    source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 30)
-    (plan,) = source.buckets
-    buf = torch.empty(plan.nbytes, dtype=torch.uint8)
-    source.fill(plan, buf)
-    params = dict(model.named_parameters())
-    for name, t in unpack(buf, plan.metas):
+    params, packed = packed_in_one_bucket(cfg)
+    for name, t in packed:
         expect = params[name].detach().to(torch.float32 if name in fp32 else torch.bfloat16)
         assert t.dtype == expect.dtype and torch.equal(t, expect), name
 
@@ -344,14 +349,8 @@ def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts():
 
 
 def test_packing_casts_in_one_pass_with_the_same_bits():
-    cfg = tiny("llama")
-    model = materialized(cfg)
-    source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 30)
-    (plan,) = source.buckets
-    buf = torch.empty(plan.nbytes, dtype=torch.uint8)
-    source.fill(plan, buf)
-    params = dict(model.named_parameters())
-    for name, view in unpack(buf, plan.metas):
+    params, packed = packed_in_one_bucket(tiny("llama"))
+    for name, view in packed:
         assert torch.equal(view, params[name].detach().to(torch.bfloat16)), name
 
 

@@ -50,6 +50,7 @@ from recipe.model import (
     reconcile_with_tokenizer,
     uses_fla,
 )
+from recipe.net import free_port
 from recipe.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class Trainer(Stateful):
         os.makedirs(jc.job.dump_folder, exist_ok=True)
         if "RANK" not in os.environ:  # `python train.py`: a process group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         world_size = dist_utils.init_distributed(jc.comm, base_folder=jc.job.dump_folder)
         replicate, shard = data_parallel_degrees(jc, world_size)
         pd = ParallelDims(
@@ -414,11 +415,3 @@ class Trainer(Stateful):
             self.checkpointer.close()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

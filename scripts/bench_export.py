@@ -42,6 +42,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from recipe.net import free_port  # noqa: E402
+
 MODELS = {  # Llama shapes: hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (256, 2, 4, 4, 512, 1024),
     "0.5b": (1024, 24, 16, 16, 2816, 32000),
@@ -61,12 +63,6 @@ def llama_config(name: str):
     h, n, heads, kv, inter, vocab = MODELS[name]
     return LlamaConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
                        intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=False, use_cache=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def probe_ids(vocab: int) -> torch.Tensor:

@@ -36,7 +36,6 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,15 +43,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from recipe.net import free_port  # noqa: E402
+
 EXPORTED = re.compile(r"rollout: exported version (\d+) .* in ([0-9.]+)s")
 FAILED = re.compile(r"rollout: export of version (\d+) failed")
 APPLIED = re.compile(r"applied version (\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device_name(gpu: str | None) -> str:

@@ -237,10 +237,10 @@ def one_rank_mesh(device):
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            from recipe.trainer import _free_port
+            from recipe.net import free_port
 
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+                              MASTER_PORT=str(free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.get_world_size() == 1:
         group = dist.group.WORLD

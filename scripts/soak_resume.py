@@ -20,13 +20,15 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from recipe.net import free_port  # noqa: E402
 
 
 def command(dump: str, args) -> list[str]:
@@ -195,9 +197,7 @@ def main(argv=None) -> int:
                            "--training.local_batch_size", "8"]
 
     if args.rollout and args.rollout_port is None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            args.rollout_port = sock.getsockname()[1]
+        args.rollout_port = free_port()
     workdir = args.workdir or tempfile.mkdtemp(prefix="flare-soak-")
     os.makedirs(workdir, exist_ok=True)
     reference_dump, soak_dump = os.path.join(workdir, "reference"), os.path.join(workdir, "soaked")

@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from recipe.net import free_port
 from recipe.rollout.source import Bucket
 from recipe.rollout.vllm_worker import (
     PROTOCOL_VERSION,
@@ -360,12 +361,6 @@ def _local_ip_towards(address: str) -> str:
         return s.getsockname()[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class VLLMTransport(Transport):
     """vLLM's own weight-transfer engine: HTTP control plane (init/start/update/finish), NCCL data
     plane with vLLM's packed producer. vLLM packs tensors itself, so buckets are unpacked into
@@ -389,7 +384,7 @@ class VLLMTransport(Transport):
         if world - 1 != cfg.engine_world_size:
             raise TransportError(f"vLLM reports {world - 1} workers, rollout.engine_world_size is "
                                  f"{cfg.engine_world_size}")
-        info = {"master_address": _local_ip_towards(cfg.engine_address), "master_port": _free_port(),
+        info = {"master_address": _local_ip_towards(cfg.engine_address), "master_port": free_port(""),
                 "world_size": world}
         # The engine joins from inside the HTTP call while the trainer joins here: run both at once.
         errors: list[BaseException] = []

@@ -13,7 +13,6 @@ configure_device()  # before fla/triton: spawned workers import this module firs
 import copy  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import time  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -22,6 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
+
+from recipe.net import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, LR = 3, 3e-3
@@ -282,17 +283,11 @@ def _worker(rank: int, world: int, port: int, jobs_path: str, out_path: str) -> 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_jobs(jobs: list[Job], world: int, tmp_dir: str) -> dict[str, dict]:
     """Run ``jobs`` (all of world size ``world``) in one spawned gloo group; results by key."""
     jobs_path, out_path = os.path.join(tmp_dir, f"jobs{world}.pt"), os.path.join(tmp_dir, f"out{world}.pt")
     torch.save(jobs, jobs_path)
-    mp.start_processes(_worker, args=(world, _free_port(), jobs_path, out_path), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, free_port(), jobs_path, out_path), nprocs=world, join=True,
                        start_method="spawn")
     return torch.load(out_path, weights_only=False)
 

@@ -2,7 +2,6 @@
 planning and packing, the reference engine's load_weights contract and TP forward, the wire
 protocol over real gloo groups on threads, and the vLLM transport against a fake vLLM."""
 
-import socket
 import sys
 import threading
 import types
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from recipe.model import build_model_on_meta, init_weights, load_model_config
+from recipe.net import free_port
 from recipe.rollout.adapters import fuse_qkv, get_export_adapter, layer_order
 from recipe.rollout.receiver import HFEngine, LlamaTPEngine, probe_batch
 from recipe.rollout.source import WeightSource, plan_buckets
@@ -233,12 +233,6 @@ def test_engine_rejects_unknown_names_and_wrong_dtypes():
 
 
 # --------------------------------------------------------------------------- protocol over gloo
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

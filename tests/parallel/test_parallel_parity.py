@@ -51,6 +51,7 @@ JOBS2 = (
     [(m, "tp2") for m in RUNNABLE]
     + [(m, layout) for m in ("gla", "llama") for layout in DENSE]
     + [("llama", "tp2_no_loss_parallel"), ("llama", "fsdp2_reshard_never"), ("llama", "tp2_compile")]
+    + [("gla", "tp2_compile")]  # compiled glue around fla's kernels (parallelisms/compile.py)
     + [("llama_tied", "tp2"), ("llama_tied", "fsdp2"), ("qwen3", "tp2"), ("gla_linear_ce", "tp2")]
 )
 JOBS4 = [(m, layout) for m in ("gla", "llama") for layout in ("fsdp2_tp2", "hsdp2x2")]

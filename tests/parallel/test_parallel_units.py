@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.checkpoint import CheckpointPolicy
 from torchtitan.distributed import ParallelDims
+from transformers import AutoModelForCausalLM
 
 import parallel_harness as H
 from parallelisms import (
@@ -24,7 +25,7 @@ from parallelisms import (
     validate_parallelism,
 )
 from parallelisms.activation_checkpoint import apply_ac, op_policy
-from parallelisms.compile import raise_recompile_limit
+from parallelisms.compile import apply_compile, raise_recompile_limit
 from parallelisms.tensor_parallel import apply_tp
 from parallelisms.tp_plans import registry
 from recipe.errors import ConfigError
@@ -183,6 +184,51 @@ def test_recompile_limit_grows_with_layers():
         assert cfg.recompile_limit >= 48 and cfg.accumulated_recompile_limit >= 4 * 48
     finally:
         cfg.recompile_limit, cfg.accumulated_recompile_limit = old
+
+
+def _compile_tiny_gla(n_layers: int, monkeypatch) -> dict:
+    """Compile a tiny GLA's blocks with apply_compile and run it once: dynamo's graph count,
+    whether dynamo traced into fla's RMSNorm kernel launch, and the largest logit difference."""
+    import fla.modules.norm.layernorm as fla_norm
+    from torch._dynamo.utils import counters
+
+    traced = []
+    launch = fla_norm.layer_norm_fwd
+
+    def spy(*args, **kwargs):  # a plain function: dynamo traces it like the code around it
+        traced.append(torch.compiler.is_compiling())
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(fla_norm, "layer_norm_fwd", spy)
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = H.model_config("gla", num_hidden_layers=n_layers)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 80))  # > 64 tokens: GLA's chunked kernels
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        traced.clear()
+        apply_compile(model.model.layers, types.SimpleNamespace(backend="eager"))
+        compiled = model(input_ids=ids).logits
+    return {"graphs": counters["stats"]["unique_graphs"], "launches": len(traced), "traced": any(traced),
+            "diff": (compiled - eager).abs().max().item()}
+
+
+def test_compile_keeps_fla_kernels_opaque(monkeypatch):
+    """Dynamo compiles the torch code around fla's kernels and never traces into them (it used to,
+    and handed the Triton kernels to inductor: minutes of compiling; on CPU, Triton's interpreter
+    is not even traceable), and fla blocks compile once, not once per ``layer_idx``."""
+    cfg = torch._dynamo.config
+    old = cfg.allow_unspec_int_on_nn_module
+    try:
+        two, four = _compile_tiny_gla(2, monkeypatch), _compile_tiny_gla(4, monkeypatch)
+    finally:
+        cfg.allow_unspec_int_on_nn_module = old
+        torch._dynamo.reset()
+    assert two["launches"] > 0 and not two["traced"] and not four["traced"]
+    assert two["graphs"] == four["graphs"] > 0
+    assert two["diff"] == 0.0 and four["diff"] == 0.0
 
 
 # ---------------------------------------------------------------- plans on the meta device

@@ -18,6 +18,7 @@ vLLM's native weight-transfer API instead (its NCCL engine and HTTP control rout
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -94,6 +95,10 @@ class GroupTransport(Transport):
 
     name = "gloo"
     backend = "gloo"
+    # Control messages posted but not yet taken by every receiver. Two match the two data buffers
+    # in rotation: the sender runs at most one bucket ahead of the receivers' host, and a receiver
+    # that died is noticed within two buckets, before more data is queued for it.
+    max_pending_ctl = 2
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -101,6 +106,7 @@ class GroupTransport(Transport):
         self.store = self.ctl = self.data = None
         self.n_started = 0
         self.host_buffer: torch.Tensor | None = None
+        self.pending_ctl: collections.deque = collections.deque()
 
     def init(self) -> None:
         if self.ctl is not None:
@@ -129,12 +135,29 @@ class GroupTransport(Transport):
         logger.info(f"rollout: connected to {self.world_size - 1} receiver rank(s) over {self.name} "
                     f"(generation {gen}, {time.perf_counter() - t0:.1f}s)")
 
+    def _post(self, msg: dict) -> None:
+        """Send a control message without waiting for the receivers to take it (see max_pending_ctl)."""
+        self.pending_ctl.append(send_obj(self.ctl, msg, async_op=True))
+        while len(self.pending_ctl) > self.max_pending_ctl:
+            self._wait_ctl(self.pending_ctl.popleft())
+
+    def _drain_ctl(self) -> None:
+        while self.pending_ctl:
+            self._wait_ctl(self.pending_ctl.popleft())
+
+    @staticmethod
+    def _wait_ctl(pending: list) -> None:
+        for work, _tensor in pending:
+            work.wait()  # bounded by the group's timeout; raises if a receiver is gone
+
     def start(self, version: int, manifest: list[TensorMeta]) -> None:
         self.n_started += 1
+        self.pending_ctl.clear()  # a failed version's leftovers belong to a closed group
         t = time.time()  # receivers report start() → start received as stats["start_delay"]
         # Receivers idle on this key between versions, not in a collective (no timeout while training).
         self.store.set(f"{self.prefix}start{self.n_started}", "1")
-        send_obj(self.ctl, {"op": "start", "version": version, "n_tensors": len(manifest), "t": t})
+        # Not waited for: the first bucket is gathered while the receivers wake up.
+        self._post({"op": "start", "version": version, "n_tensors": len(manifest), "t": t})
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         # gloo's broadcast is synchronous (send() returns once every receiver has the bytes), so
@@ -145,7 +168,7 @@ class GroupTransport(Transport):
         return self.host_buffer
 
     def send(self, bucket: Bucket) -> None:
-        send_obj(self.ctl, self._bucket_msg(bucket))
+        self._post(self._bucket_msg(bucket))
         self._send_data(bucket)
 
     def _bucket_msg(self, bucket: Bucket) -> dict:
@@ -159,6 +182,7 @@ class GroupTransport(Transport):
 
     def finish(self, version: int) -> None:
         self.host_buffer = None  # not held between exports
+        self._drain_ctl()
         send_obj(self.ctl, {"op": "finish", "version": version})
         if not agree(self.ctl, True):
             raise TransportError(f"a receiver rejected version {version} (see the receiver's log)")
@@ -184,6 +208,7 @@ class GroupTransport(Transport):
             shutdown_group(pg)
         self.ctl = self.data = self.store = None
         self.host_buffer = None
+        self.pending_ctl.clear()
 
 
 class NcclTransport(GroupTransport):
@@ -220,7 +245,7 @@ class NcclTransport(GroupTransport):
             while not work.is_completed():  # bounded host wait: a dead receiver must not hang us
                 if time.monotonic() > deadline:
                     raise TransportError(f"NCCL broadcast did not complete within {self.cfg.timeout_s}s")
-                time.sleep(0.0002)
+                time.sleep(0.00005)
             work.wait()  # raises if the communicator was aborted
 
     def _send_data(self, bucket: Bucket) -> None:
@@ -278,7 +303,7 @@ class IpcTransport(GroupTransport):
         self._collect_ack()  # receivers are done with bucket k-1: its buffer may be refilled next
         msg = self._bucket_msg(bucket)
         msg["ipc"] = ipc_handle(bucket.buffer)
-        send_obj(self.ctl, msg)
+        self._post(msg)
         self.unacked = True
 
     def _send_data(self, bucket: Bucket) -> None:  # the handle is the data

@@ -101,30 +101,36 @@ def unpack(buffer: torch.Tensor, metas: Iterable[TensorMeta]) -> Iterator[tuple[
 # --------------------------------------------------------------------------- control channel
 
 
-def _bcast(pg, tensor: torch.Tensor) -> None:
+def _bcast(pg, tensor: torch.Tensor, async_op: bool = False):
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    pg.broadcast([tensor], opts).wait()
+    work = pg.broadcast([tensor], opts)
+    if async_op:
+        return work, tensor  # the tensor must outlive the work
+    work.wait()
 
 
 # A control message is one broadcast of a fixed-size frame: 8 bytes of length, then the JSON; a
 # message longer than the frame sends its tail in a second broadcast. A gloo broadcast returns on
-# the root only once every receiver took it, so each one is a round trip on the sender's path,
-# once per bucket: version 1 sent the length and the body separately, two round trips per
-# message. 16 KiB holds a bucket of ~150 tensors and costs the same time as 8 bytes on loopback.
+# the root only once every receiver took it, a round trip: the sender posts bucket messages
+# without waiting (``async_op``) and collects them later, so its host never waits for the
+# receivers' host per bucket. 16 KiB holds a bucket of ~150 tensors and costs the same time as
+# 8 bytes on loopback.
 _FRAME = 16384
 
 
-def send_obj(pg, obj: dict) -> None:
-    """Rank 0: broadcast a JSON message on the (gloo) control group."""
+def send_obj(pg, obj: dict, async_op: bool = False) -> list | None:
+    """Rank 0: broadcast a JSON message on the (gloo) control group. With ``async_op``, returns
+    the pending (work, tensor) pairs; the caller waits on them (in order) later."""
     data = json.dumps(obj).encode()
     frame = bytearray(_FRAME)
     frame[:8] = len(data).to_bytes(8, "little")
     head = data[:_FRAME - 8]
     frame[8:8 + len(head)] = head
-    _bcast(pg, torch.frombuffer(frame, dtype=torch.uint8))
+    pending = [_bcast(pg, torch.frombuffer(frame, dtype=torch.uint8), async_op)]
     if len(data) > _FRAME - 8:
-        _bcast(pg, torch.frombuffer(bytearray(data[_FRAME - 8:]), dtype=torch.uint8))
+        pending.append(_bcast(pg, torch.frombuffer(bytearray(data[_FRAME - 8:]), dtype=torch.uint8), async_op))
+    return pending if async_op else None
 
 
 def recv_obj(pg) -> dict:
@@ -437,6 +443,11 @@ class ReceiverEndpoint:
                 if abort is not None:
                     abort(-1)
                 continue
+            finally:
+                if self.ctl is not None:
+                    # Watch for the next start now, not when the caller comes back: setting up
+                    # the waiter (thread, store client) then overlaps the trainer's next step.
+                    self._start_waiter(f"flare/g{self.gen}/start{self.n_started + 1}")
             if version is not None:
                 self.version, self.dirty = version, False
                 return version

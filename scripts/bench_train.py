@@ -48,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -74,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--varlen", action="store_true", help="trainer rows pack each batch into one row (fla models)")
     p.add_argument("--tp", type=int, default=1, help="trainer rows: parallelism.tensor_parallel_degree")
     p.add_argument("--trainer-args", default="",
-                   help='extra trainer overrides, e.g. "--model.converters quantize.linear.float8"')
+                   help='extra trainer overrides, e.g. "--model.converters quantize.linear.float8" (a single '
+                        'flag needs the = form: --trainer-args=--parallelism.enable_async_tensor_parallel)')
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="cpu hides the GPUs (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON-lines file (default $OUT/bench_train.jsonl if OUT is set)")
@@ -492,7 +494,8 @@ def main(argv=None) -> int:
                             else:
                                 row.update(run_bare(model, seq, batch, compile_on, BARE_PRECISION[impl], args))
                         except Exception as e:  # noqa: BLE001  (one failed run, e.g. OOM, must not end the sweep)
-                            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                            row["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+                            traceback.print_exc()  # the row keeps one line; the log keeps the why
                         free_memory()
                     if row.get("tokens_per_s") and peak:
                         row["mfu_pct"] = 100 * row["flops_per_token"] * row["tokens_per_s"] / peak

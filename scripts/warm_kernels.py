@@ -45,8 +45,8 @@ Keeping the results for later fresh machines of the same kind (carry outputs/aut
 (--seq-len 4096 --batch 8 are the defaults; pass the job's training.seq_len / local_batch_size.)
 
 Every rank of a multi-GPU job reads the same on-disk cache, so one warm-up serves all of them
-(per-rank shapes with FSDP equal the single-GPU ones). Not covered: tensor parallelism (it changes
-the per-rank head count: those keys autotune at the first step), varlen batches whose document count
+(per-rank shapes with FSDP equal the single-GPU ones). Tensor parallelism changes the per-rank head
+count: ``--tp N`` warms a copy with heads and widths split N ways. Not covered: varlen batches whose document count
 enters a tuning key (pass ``--varlen`` to warm the common kernels), and torch.compile's own kernels.
 On CPU, Triton runs through its interpreter and autotuning is pinned to the first config
 (recipe/device.py): there is nothing to compile or tune, so the phases are skipped (exit 0).
@@ -81,6 +81,8 @@ def parse_args(argv=None):
                    help="autocast: fp32 params + bf16 autocast (1 GPU); bf16: bf16 params (FSDP)")
     p.add_argument("--varlen", action="store_true", help="also warm the varlen (cu_seqlens) kernels")
     p.add_argument("--layers", type=int, default=1, help="layers of the model copy")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: warm the per-rank shapes (heads / tp, same head dims)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16))
     p.add_argument("--phases", default="compile,tune,check",
                    help="comma-separated subset of compile,tune,check (or 'none')")
@@ -101,13 +103,27 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- the model passes
 
 
-def build_model(path: str, layers: int, vocab: int | None):
+def tp_local(config, tp: int):
+    """The shapes one tensor-parallel rank's kernels see: heads, widths and MLP split ``tp`` ways,
+    head dims unchanged (fla layers derive them from hidden_size / num_heads)."""
+    for key in ("num_heads", "num_kv_heads", "hidden_size", "intermediate_size"):
+        value = getattr(config, key, None)
+        if value:
+            if value % tp:
+                raise SystemExit(f"--tp {tp}: {key}={value} is not divisible")
+            setattr(config, key, value // tp)
+    return config
+
+
+def build_model(path: str, layers: int, vocab: int | None, tp: int = 1):
     import torch
     from transformers import AutoModelForCausalLM
 
     from recipe.model import load_model_config
 
     config = load_model_config(path)
+    if tp > 1:
+        tp_local(config, tp)
     config.num_hidden_layers = layers
     config.use_cache = False
     if vocab:
@@ -223,7 +239,7 @@ def worker_main(args) -> int:
     if role == "compile":
         index, count = map(int, spec.split("/"))
         install_compile_only(index, count, stats)
-    model = build_model(args.model, args.layers, WORKER_VOCAB if role == "compile" else None)
+    model = build_model(args.model, args.layers, WORKER_VOCAB if role == "compile" else None, args.tp)
     stats["build_s"] = time.perf_counter() - start
     passes = time.perf_counter()
     try:
@@ -250,7 +266,7 @@ def worker_main(args) -> int:
 def spawn(args, role: str) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", role, "--model", args.model,
            "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--precision", args.precision,
-           "--layers", str(args.layers)]
+           "--layers", str(args.layers), "--tp", str(args.tp)]
     if args.seq_sweep:
         cmd += ["--seq-sweep", args.seq_sweep]
     if args.varlen:

@@ -111,3 +111,17 @@ def test_plot_bench_writes_a_png(tmp_path):
     assert plot.main([str(results), "--out", str(tmp_path / "sweep.png")]) == 0
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(plot.series(plot.load_rows([str(results)]), "seq")) == {"gla (trainer, eager)", "llama (trainer, eager)"}
+
+
+def test_warm_kernels_tp_local_shapes_keep_head_dims():
+    """--tp N warms what one tensor-parallel rank runs: heads and widths split, head dims kept."""
+    from recipe.model import load_model_config
+
+    warm = load_script("warm_kernels")
+    full = load_model_config(os.path.join(ROOT, "configs/gla_340M.json"))
+    local = warm.tp_local(load_model_config(os.path.join(ROOT, "configs/gla_340M.json")), 2)
+    assert (local.num_heads, local.hidden_size) == (full.num_heads // 2, full.hidden_size // 2)
+    head_k = lambda c: int(c.hidden_size * c.expand_k) // c.num_heads  # noqa: E731
+    assert head_k(local) == head_k(full) and local.hidden_size // local.num_heads == full.hidden_size // full.num_heads
+    with pytest.raises(SystemExit, match="num_heads=4 is not divisible"):
+        warm.tp_local(load_model_config(os.path.join(ROOT, "configs/gla_340M.json")), 3)

@@ -27,6 +27,7 @@ LAYOUTS = {
     "tp2_ac_op": H.Layout("tp2_ac_op", tp=2, args=_ac("selective", "op")),
     "tp2_compile": H.Layout("tp2_compile", tp=2, args=("--compile.enable", "--compile.backend", "inductor")),
     "fsdp2": H.Layout("fsdp2", dp_shard=2),
+    "fsdp2_compile": H.Layout("fsdp2_compile", dp_shard=2, args=("--compile.enable", "--compile.backend", "inductor")),
     "fsdp2_ac_full": H.Layout("fsdp2_ac_full", dp_shard=2, args=_ac("full")),
     "fsdp2_reshard_never": H.Layout("fsdp2_reshard_never", dp_shard=2,
                                     args=("--parallelism.fsdp_reshard_after_forward", "never")),
@@ -51,7 +52,7 @@ JOBS2 = (
     [(m, "tp2") for m in RUNNABLE]
     + [(m, layout) for m in ("gla", "llama") for layout in DENSE]
     + [("llama", "tp2_no_loss_parallel"), ("llama", "fsdp2_reshard_never"), ("llama", "tp2_compile")]
-    + [("gla", "tp2_compile")]  # compiled glue around fla's kernels (parallelisms/compile.py)
+    + [("gla", "tp2_compile"), ("gla", "fsdp2_compile")]  # compiled glue around fla's kernels
     + [("llama_tied", "tp2"), ("llama_tied", "fsdp2"), ("qwen3", "tp2"), ("gla_linear_ce", "tp2")]
 )
 JOBS4 = [(m, layout) for m in ("gla", "llama") for layout in ("fsdp2_tp2", "hsdp2x2")]

@@ -218,8 +218,14 @@ class TPPlan:
 
     def mlp_plan(self, mlp: nn.Module) -> Plan:
         """Gated MLP (fla's GatedMLP, HF's LlamaMLP): gate/up column-, down row-parallel."""
+        # With float8, torchao all-gathers the MLP input already cast to float8. fla's MLP calls
+        # its fused kernels, which compile leaves outside the graph (parallelisms/compile.py): the
+        # float8 input then becomes a graph output whose gradient arrives as a plain tensor, and
+        # AOTAutograd fails in backward (seen on 2 H200s). Gather it in bf16 there instead; the
+        # float8 column-parallel projections cast it locally.
+        prepare = PrepareModuleInput if is_fla_module(mlp) else self.prepare_mlp_input
         plan = {
-            "": self.prepare_mlp_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "": prepare(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "gate_proj": self.colwise(),
             "up_proj": self.colwise(),
         }

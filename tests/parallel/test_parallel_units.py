@@ -326,7 +326,12 @@ def test_fused_linear_cross_entropy_gets_a_criterion(tp_mesh):
 
 
 def test_float8_uses_torchao_styles():
-    from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+    from torchao.float8.float8_tensor_parallel import (
+        Float8ColwiseParallel,
+        Float8RowwiseParallel,
+        PrepareFloat8ModuleInput,
+    )
 
     cfg = H.model_config("llama")
     tensorwise = job("llama", tp=2, extra=("--model.converters", "quantize.linear.float8"))
@@ -337,6 +342,14 @@ def test_float8_uses_torchao_styles():
     plan = make_plan(cfg, tensorwise, 2).layer_plan(model.model.layers[0])
     assert isinstance(plan["self_attn.q_proj"], Float8ColwiseParallel)
     assert isinstance(plan["mlp.down_proj"], Float8RowwiseParallel)
+    assert isinstance(plan["mlp"], PrepareFloat8ModuleInput)  # float8 all-gather of the MLP input
+
+    # fla's MLP runs its fused kernels outside compiled graphs: its input is gathered in bf16.
+    gla_cfg = H.model_config("gla")
+    gla_plan = make_plan(gla_cfg, job("gla", tp=2, extra=("--model.converters", "quantize.linear.float8")), 2)
+    mlp_plan = gla_plan.layer_plan(H.build(gla_cfg).model.layers[0])
+    prepare = mlp_plan["mlp"][0] if isinstance(mlp_plan["mlp"], tuple) else mlp_plan["mlp"]
+    assert type(prepare) is PrepareModuleInput and isinstance(mlp_plan["mlp.gate_proj"], Float8ColwiseParallel)
 
 
 def test_docs_example_plan(tp_mesh):

@@ -10,8 +10,8 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   adds tensor parallelism).
 * ``bare`` / ``bare-bf16`` / ``bare-fsdp``: the ceiling: ``AutoModelForCausalLM.from_config`` on the
   device, the same synthetic batches (pinned), fused AdamW, grad clipping, per-block
-  ``torch.compile`` when compile is on, nothing else; the timed steps run back to back with one
-  sync at each end. ``bare`` keeps fp32 parameters under bf16 autocast, ``bare-bf16`` holds bf16
+  ``torch.compile`` when compile is on (``parallelisms.compile.apply_compile``, as the trainer
+  does), nothing else; the timed steps run back to back with one sync at each end. ``bare`` keeps fp32 parameters under bf16 autocast, ``bare-bf16`` holds bf16
   parameters and optimizer state, ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16
   compute, fp32 masters: the trainer's numerics). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
@@ -280,13 +280,13 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision:
     flops_per_token = flops_lib.flops_per_token(config, seq, model)
     blocks = model.get_submodule(model.base_model_prefix).layers
     if compile_on:
-        # fla layers branch on their integer layer_idx: dynamo compiles once per layer, and past
-        # recompile_limit (8) it would silently run the remaining layers eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 8 * len(blocks) + 32)
-        for i, block in enumerate(blocks):
-            blocks[i] = torch.compile(block)
+        # The same per-block compile as the trainer's (plain torch.compile per block, fla's
+        # kernels kept out of the graphs, no recompile per layer_idx): the settings are
+        # process-wide, so a bare row after a trainer row would get them anyway, and without them
+        # inductor re-compiles fla's kernels for minutes on a fresh machine.
+        from parallelisms.compile import apply_compile
+
+        apply_compile(blocks, argparse.Namespace(backend="inductor"))
     if precision == "fsdp":
         mesh = one_rank_mesh(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_gpu else torch.float32,

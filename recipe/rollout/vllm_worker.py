@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -290,6 +291,7 @@ class ReceiverEndpoint:
                                    wait_for_workers=False)
         self._address, self._port = address, port
         self._waiter: tuple[str, threading.Event] | None = None  # see _wait_start
+        self._watch: tuple[queue.SimpleQueue, threading.Thread] | None = None  # (keys, thread)
         # Receive buffers, two in rotation (see _receive_bucket), held for one version only.
         self._bufs: list[torch.Tensor | None] = [None, None]
         self._loaded: list = [None, None]  # CUDA event: the last load out of that buffer is done
@@ -351,27 +353,37 @@ class ReceiverEndpoint:
         return True
 
     def _start_waiter(self, key: str) -> threading.Event:
-        """An event set as soon as ``key`` exists. A daemon thread blocks in ``TCPStore.wait`` on
-        a client of its own (a client is not thread-safe): the server answers the moment the
-        trainer sets the key. Polling ``check`` every _POLL_S instead added up to 50 ms (about
-        25 ms on average, a full 50 ms for back-to-back exports) to every export; a wait with a
-        timeout would log two C++ warnings per timeout while idle."""
+        """An event set as soon as ``key`` exists. One daemon thread per endpoint blocks in
+        ``TCPStore.wait`` on a client of its own (a client is not thread-safe), one key after the
+        other: the server answers the moment the trainer sets the key. Polling ``check`` every
+        _POLL_S instead added up to 50 ms (about 25 ms on average, a full 50 ms for back-to-back
+        exports) to every export; a wait with a timeout would log two C++ warnings per timeout
+        while idle; a thread and a store connection per version cost ~1 ms of set-up each."""
         if self._waiter is not None and self._waiter[0] == key:
             return self._waiter[1]
         self._release_waiter()
         done = threading.Event()
+        if self._watch is None or not self._watch[1].is_alive():
+            keys: queue.SimpleQueue = queue.SimpleQueue()
 
-        def wait():
-            try:
-                client = dist.TCPStore(self._address, self._port, is_master=False, timeout=timedelta(days=365),
-                                       wait_for_workers=False)
-                client.wait([key])
-            except Exception:  # noqa: BLE001 - store gone: the main loop notices on its own
-                pass
-            finally:
-                done.set()
+            def watch():
+                client = None
+                while (item := keys.get()) is not None:
+                    wanted, event = item
+                    try:
+                        if client is None:
+                            client = dist.TCPStore(self._address, self._port, is_master=False,
+                                                   timeout=timedelta(days=365), wait_for_workers=False)
+                        client.wait([wanted])
+                    except Exception:  # noqa: BLE001 - store gone: the main loop notices on its own
+                        client = None
+                    finally:
+                        event.set()
 
-        threading.Thread(target=wait, name=f"flare-wait-{key}", daemon=True).start()
+            thread = threading.Thread(target=watch, name=f"flare-watch-r{self.rank}", daemon=True)
+            thread.start()
+            self._watch = (keys, thread)
+        self._watch[0].put((key, done))
         self._waiter = (key, done)
         return done
 
@@ -388,12 +400,17 @@ class ReceiverEndpoint:
         """Idle on the store (not in a collective) until the trainer starts the next version."""
         key = f"flare/g{self.gen}/start{self.n_started + 1}"
         done = self._start_waiter(key)
-        while not (done.wait(_POLL_S) and self.store.check([key])):
+        while True:
+            # The watcher's event wakes us at once; checking the key every poll period as well
+            # covers a watcher stuck on an earlier key or whose store client failed.
+            done.wait(_POLL_S)
+            if self.store.check([key]):
+                break
             if self._current_gen() > self.gen:  # the trainer reconnected: this group is stale
                 self._drop()
                 self._release_waiter()
                 return False
-            if done.is_set():  # the waiter failed without the key: fall back to polling
+            if done.is_set():  # the watcher failed without the key: poll
                 time.sleep(_POLL_S)
             if deadline is not None and time.monotonic() > deadline:
                 return False  # the waiter stays: the next receive() waits on the same key
@@ -583,6 +600,9 @@ class ReceiverEndpoint:
 
     def close(self) -> None:
         self._release_waiter()
+        if self._watch is not None:
+            self._watch[0].put(None)  # the watcher ends after the released key
+            self._watch = None
         self._drop()
 
 

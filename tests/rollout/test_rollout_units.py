@@ -334,6 +334,8 @@ def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts():
         t.join()
     assert endpoint.n_started == 3
     assert min(lags) < 0.015, lags
+    watchers = [t for t in threading.enumerate() if t.name == "flare-watch-r1"]
+    assert len(watchers) == 1, watchers  # one thread and store client for all versions
     # a deadline leaves the waiter in place for the next call; close() releases it
     assert not endpoint._wait_start(deadline=time.monotonic() + 0.1)
     waiter = endpoint._waiter

@@ -45,9 +45,10 @@ Keeping the results for later fresh machines of the same kind (carry outputs/aut
 (--seq-len 4096 --batch 8 are the defaults; pass the job's training.seq_len / local_batch_size.)
 
 Every rank of a multi-GPU job reads the same on-disk cache, so one warm-up serves all of them
-(per-rank shapes with FSDP equal the single-GPU ones). Tensor parallelism changes the per-rank head
-count: ``--tp N`` warms a copy with heads and widths split N ways. Not covered: varlen batches whose document count
-enters a tuning key (pass ``--varlen`` to warm the common kernels), and torch.compile's own kernels.
+(per-rank shapes with FSDP equal the single-GPU ones). Tensor parallelism changes the per-rank
+head count: ``--tp N`` warms a copy with heads and widths split N ways. Not covered: varlen batches
+whose document count enters a tuning key (pass ``--varlen`` to warm the common kernels), and
+torch.compile's own kernels.
 On CPU, Triton runs through its interpreter and autotuning is pinned to the first config
 (recipe/device.py): there is nothing to compile or tune, so the phases are skipped (exit 0).
 """

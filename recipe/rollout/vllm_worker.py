@@ -462,8 +462,7 @@ class ReceiverEndpoint:
                 continue
             finally:
                 if self.ctl is not None:
-                    # Watch for the next start now, not when the caller comes back: setting up
-                    # the waiter (thread, store client) then overlaps the trainer's next step.
+                    # Watch for the next start now, not only when the caller comes back.
                     self._start_waiter(f"flare/g{self.gen}/start{self.n_started + 1}")
             if version is not None:
                 self.version, self.dirty = version, False

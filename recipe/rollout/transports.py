@@ -152,7 +152,6 @@ class GroupTransport(Transport):
 
     def start(self, version: int, manifest: list[TensorMeta]) -> None:
         self.n_started += 1
-        self.pending_ctl.clear()  # a failed version's leftovers belong to a closed group
         t = time.time()  # receivers report start() → start received as stats["start_delay"]
         # Receivers idle on this key between versions, not in a collective (no timeout while training).
         self.store.set(f"{self.prefix}start{self.n_started}", "1")

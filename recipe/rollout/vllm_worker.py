@@ -486,90 +486,122 @@ class ReceiverEndpoint:
                 start(version)
         except Exception as e:  # noqa: BLE001 - report through the final status, stay in step
             error = e
-        while True:
-            t0 = time.perf_counter()
-            msg = recv_obj(self.ctl)
-            stats["ctl_wait"] += time.perf_counter() - t0
-            op = msg["op"]
-            if op == "bucket":
-                error = self._receive_bucket(msg, load_weights, error)
-            elif op == "finish":
+        # Bucket k is loaded only after the receive of bucket k+1 is posted: its load_weights
+        # (host time: one copy launch per tensor) then runs while k+1 is on the wire. The last
+        # bucket (its tensors complete the start message's count) is loaded at once.
+        received = None  # the bucket whose bytes are in (or arriving), not loaded yet
+        n_tensors, n_seen = int(msg.get("n_tensors", -1)), 0
+        try:
+            while True:
                 t0 = time.perf_counter()
-                if self.device.type == "cuda":  # the copies into the weights are done before we ack
-                    if self._load_stream is not None:
-                        self._load_stream.synchronize()
-                    torch.cuda.current_stream(self.device).synchronize()
-                self._release_buffers()
-                self._unmap()  # before the ack: the producer frees its buffers right after it
-                if error is None and finish is not None:
-                    try:
-                        finish(version)
-                    except Exception as e:  # noqa: BLE001
-                        error = e
-                if error is not None:
-                    logger.error(f"rollout receiver rank {self.rank}: version {version} rejected: {error}")
-                ok = agree(self.ctl, error is None)
-                stats["finish"] += time.perf_counter() - t0
-                if not ok:
-                    if error is None:
-                        logger.warning(f"rollout receiver rank {self.rank}: version {version} failed on another rank")
-                    return None
-                return version
-            elif op == "abort":
-                self._release_buffers()
-                self._unmap()
-                raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
-            elif op == "close":
-                raise TrainerClosed()
-            else:
-                raise RuntimeError(f"protocol error: unexpected message '{op}'")
+                msg = recv_obj(self.ctl)
+                stats["ctl_wait"] += time.perf_counter() - t0
+                op = msg["op"]
+                if op == "bucket":
+                    if self.backend == "ipc":
+                        error = self._receive_ipc_bucket(msg, load_weights, error)
+                        continue
+                    arriving = self._receive_bucket(msg)
+                    error = self._load(received, load_weights, error)
+                    received = arriving
+                    n_seen += len(msg["tensors"])
+                    if n_seen == n_tensors:
+                        error = self._load(received, load_weights, error)
+                        received = None
+                elif op == "finish":
+                    error = self._load(received, load_weights, error)
+                    received = None
+                    t0 = time.perf_counter()
+                    if self.device.type == "cuda":  # the copies into the weights are done before we ack
+                        if self._load_stream is not None:
+                            self._load_stream.synchronize()
+                        torch.cuda.current_stream(self.device).synchronize()
+                    self._release_buffers()
+                    self._unmap()  # before the ack: the producer frees its buffers right after it
+                    if error is None and finish is not None:
+                        try:
+                            finish(version)
+                        except Exception as e:  # noqa: BLE001
+                            error = e
+                    if error is not None:
+                        logger.error(f"rollout receiver rank {self.rank}: version {version} rejected: {error}")
+                    ok = agree(self.ctl, error is None)
+                    stats["finish"] += time.perf_counter() - t0
+                    if not ok:
+                        if error is None:
+                            logger.warning(f"rollout receiver rank {self.rank}: version {version} failed on another rank")
+                        return None
+                    return version
+                elif op == "abort":
+                    received = None  # an incomplete version is never loaded further
+                    self._release_buffers()
+                    self._unmap()
+                    raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
+                elif op == "close":
+                    raise TrainerClosed()
+                else:
+                    raise RuntimeError(f"protocol error: unexpected message '{op}'")
+        finally:
+            if received is not None and self.device.type == "cuda":
+                # A failed version: the pending receive may still write into its buffer.
+                torch.cuda.current_stream(self.device).synchronize()
 
-    def _receive_bucket(self, msg: dict, load_weights, error):
+    def _receive_ipc_bucket(self, msg: dict, load_weights, error):
         stats = self.stats
         metas = [TensorMeta.from_wire(t) for t in msg["tensors"]]
         nbytes = int(msg["nbytes"])
-        if self.backend == "ipc":
-            t0 = time.perf_counter()
-            mapped = open_ipc_handle(msg["ipc"])
-            # Keep the mapping for the rest of the version: the trainer rotates two buffers, and a
-            # live mapping makes the next open of the same handle a cache hit instead of a new
-            # cudaIpcOpenMemHandle (slow, above all across GPUs).
-            self._ipc_mapped[f'{msg["ipc"]["handle"]}@{msg["ipc"]["storage_offset"]}'] = mapped  # torch's cache key
-            t1 = time.perf_counter()
-            stats["data"] += t1 - t0
-            if error is None:
-                try:
-                    load_weights(list(unpack(mapped[:nbytes], metas)))
-                    torch.cuda.current_stream().synchronize()  # copies done before the producer reuses it
-                except Exception as e:  # noqa: BLE001
-                    error = e
-            agree(self.ctl, error is None)  # the ack that lets the producer refill this buffer
-            stats["load"] += time.perf_counter() - t1
-            return error
         t0 = time.perf_counter()
-        slot, buffer = self._buffer(nbytes)
-        _bcast(self.data, buffer)  # always take part, even after an error, to stay in step
+        mapped = open_ipc_handle(msg["ipc"])
+        # Keep the mapping for the rest of the version: the trainer rotates two buffers, and a
+        # live mapping makes the next open of the same handle a cache hit instead of a new
+        # cudaIpcOpenMemHandle (slow, above all across GPUs).
+        self._ipc_mapped[f'{msg["ipc"]["handle"]}@{msg["ipc"]["storage_offset"]}'] = mapped  # torch's cache key
         t1 = time.perf_counter()
         stats["data"] += t1 - t0
         if error is None:
             try:
-                if self.device.type == "cuda":
-                    # Load on a side stream so that the copies out of bucket k overlap the
-                    # broadcast of bucket k+1 (ProcessGroupNCCL orders a broadcast after all work
-                    # queued on the current stream, so loading there serialized copy and
-                    # transfer). The event lets the broadcast into this buffer two buckets later
-                    # wait for these copies (see _buffer); finish synchronizes this stream.
-                    self._load_stream.wait_stream(torch.cuda.current_stream(self.device))  # the bytes are in
-                    with torch.cuda.stream(self._load_stream):
-                        try:
-                            load_weights(list(unpack(buffer, metas)))
-                        finally:  # also after a failure: what was queued still reads the buffer
-                            self._loaded[slot] = self._load_stream.record_event()
-                else:
-                    load_weights(list(unpack(buffer, metas)))
+                load_weights(list(unpack(mapped[:nbytes], metas)))
+                torch.cuda.current_stream().synchronize()  # copies done before the producer reuses it
             except Exception as e:  # noqa: BLE001
                 error = e
+        agree(self.ctl, error is None)  # the ack that lets the producer refill this buffer
         stats["load"] += time.perf_counter() - t1
+        return error
+
+    def _receive_bucket(self, msg: dict) -> tuple:
+        """Post the receive of one bucket (always, even after an error, to stay in step with the
+        sender); returns what ``_load`` needs once the bytes are in."""
+        metas = [TensorMeta.from_wire(t) for t in msg["tensors"]]
+        t0 = time.perf_counter()
+        slot, buffer = self._buffer(int(msg["nbytes"]))
+        _bcast(self.data, buffer)  # NCCL: the current stream now waits for the bytes (host returns)
+        arrived = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+        self.stats["data"] += time.perf_counter() - t0
+        return slot, buffer, metas, arrived
+
+    def _load(self, received: tuple | None, load_weights, error):
+        """``load_weights`` on a received bucket (skipped after an error in this version)."""
+        if received is None or error is not None:
+            return error
+        slot, buffer, metas, arrived = received
+        t0 = time.perf_counter()
+        try:
+            if self.device.type == "cuda":
+                # Load on a side stream, after this bucket's bytes and nothing later (the current
+                # stream already waits for the next bucket): copies out of bucket k overlap the
+                # broadcast of k+1. The event lets the broadcast into this buffer two buckets
+                # later wait for these copies (see _buffer); finish synchronizes this stream.
+                self._load_stream.wait_event(arrived)
+                with torch.cuda.stream(self._load_stream):
+                    try:
+                        load_weights(list(unpack(buffer, metas)))
+                    finally:  # also after a failure: what was queued still reads the buffer
+                        self._loaded[slot] = self._load_stream.record_event()
+            else:
+                load_weights(list(unpack(buffer, metas)))
+        except Exception as e:  # noqa: BLE001
+            error = e
+        self.stats["load"] += time.perf_counter() - t0
         return error
 
     def _buffer(self, nbytes: int) -> tuple[int, torch.Tensor]:

@@ -4,6 +4,7 @@ protocol over real gloo groups on threads, and the vLLM transport against a fake
 
 import sys
 import threading
+import time
 import types
 from dataclasses import dataclass
 from datetime import timedelta
@@ -287,6 +288,90 @@ def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
     endpoint.close()
 
 
+def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucket_at_once():
+    """Bucket k is loaded after the receive of k+1 is posted (its load overlaps the transfer of
+    k+1 on GPUs); the last bucket is loaded as soon as it is posted, not after 'finish'. A load
+    that fails rejects the version; the next one on the same connection is applied whole."""
+    cfg = tiny("llama")
+    model = materialized(cfg)
+    port = free_port()
+    engine = LlamaTPEngine(cfg, torch.float32)
+    endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, timeout_s=20)
+    events, fail_in = [], {1: 1}  # version -> bucket index whose load raises
+    post = endpoint._receive_bucket
+
+    def spy_post(msg):
+        events.append(("post", msg["index"]))
+        return post(msg)
+
+    endpoint._receive_bucket = spy_post
+    bucket_of = {}
+
+    def load(weights):
+        weights = list(weights)
+        index = bucket_of[weights[0][0]]
+        events.append(("load", index))
+        if fail_in.get(current[0]) == index:
+            raise RuntimeError("injected load failure")
+        engine.load_weights(weights)
+
+    current, applied = [0], []
+
+    def serve():
+        try:
+            while True:
+                applied.append(endpoint.receive(load, start=lambda v: (current.__setitem__(0, v),
+                                                                      engine.coverage.reset()),
+                                                finish=lambda v: engine.coverage.check()))
+        except TrainerClosed:
+            pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    transport = GroupTransport(Cfg(engine_port=port))
+    source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 17)
+    n = len(source.buckets)
+    assert n >= 3, n
+    for plan in source.buckets:
+        bucket_of.update({m.name: plan.index for m in plan.metas})
+
+    def send(version):
+        from recipe.rollout.source import Bucket
+
+        transport.init()
+        transport.start(version, source.manifest())
+        for plan in source.buckets:
+            buf = transport.buffer(plan.nbytes)
+            source.fill(plan, buf)
+            transport.send(Bucket(plan.index, plan.metas, buf, plan.nbytes))
+        if version == 2:
+            # every bucket is loaded before 'finish' is sent
+            deadline = time.monotonic() + 10
+            while events[-1] != ("load", n - 1) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert events[-1] == ("load", n - 1), events
+        transport.finish(version)
+
+    with pytest.raises(TransportError, match="rejected version 1"):
+        send(1)
+    # version 1: loads stop at the failed bucket, every receive is still posted (in step)
+    assert events == [("post", 0), ("post", 1), ("load", 0), ("post", 2), ("load", 1),
+                      *[("post", i) for i in range(3, n)]], events
+    events.clear()
+    send(2)
+    expected = [("post", 0)]
+    for i in range(1, n):
+        expected += [("post", i), ("load", i - 1)]
+    expected.append(("load", n - 1))
+    assert events == expected
+    transport.close(notify=True)
+    server.join(20)
+    assert applied == [2] and endpoint.version == 2 and not endpoint.dirty
+    ref = model(input_ids=probe_batch(cfg.vocab_size)).logits
+    assert torch.equal(engine.logits(probe_batch(cfg.vocab_size)), ref)
+    endpoint.close()
+
+
 def test_control_messages_round_trip_in_one_frame_or_with_a_tail():
     from recipe.rollout.vllm_worker import _FRAME, recv_hello, recv_obj, send_hello, send_obj
 
@@ -314,7 +399,6 @@ def test_control_messages_round_trip_in_one_frame_or_with_a_tail():
 def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts():
     """Receivers idle on a store key between versions; polling it every 50 ms added up to 50 ms
     to every export. The key is now awaited (TCPStore.wait on a helper thread)."""
-    import time
 
     endpoint = ReceiverEndpoint("127.0.0.1", free_port(), 1, 2, timeout_s=20)
     endpoint.gen = int(endpoint.store.add("flare/gen", 1))  # as if connected to generation 1

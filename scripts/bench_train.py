@@ -251,8 +251,10 @@ def one_rank_mesh(device):
     return DeviceMesh.from_group(group, device.type)
 
 
-def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, args) -> dict:
-    """precision: "autocast" (fp32 params, bf16 autocast), "bf16" (bf16 params and optimizer), or
+def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, n_batches: int):
+    """The bare loop's model, optimizer step and batches (also used by scripts/profile_step.py).
+
+    precision: "autocast" (fp32 params, bf16 autocast), "bf16" (bf16 params and optimizer), or
     "fsdp" (FSDP2 on a one-rank mesh: bf16 compute, fp32 masters, as the trainer on one GPU)."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -263,7 +265,12 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision:
 
     device = bench_device()
     on_gpu = device.type == "cuda"
-    tokenizer, batches = synthetic_batches(model_path, seq, batch, args.warmup + args.steps)
+    if on_gpu:  # as the trainer does: the shipped Triton autotune results, or the first bare step tunes cold
+        from recipe.autotune_cache import install_shipped_results
+        from recipe.job_config import Job
+
+        install_shipped_results(Job.autotune_results)
+    tokenizer, batches = synthetic_batches(model_path, seq, batch, n_batches)
     if on_gpu:
         batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
     start = time.perf_counter()
@@ -310,6 +317,14 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return argparse.Namespace(step=step, batches=batches, device=device, model=model,
+                              flops_per_token=flops_per_token, setup_s=setup_s)
+
+
+def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, args) -> dict:
+    """One bare-loop run (see bare_setup for ``precision``)."""
+    bare = bare_setup(model_path, seq, batch, compile_on, precision, args.warmup + args.steps)
+    step, batches, device = bare.step, bare.batches, bare.device
     losses = []
     gc_enabled = gc.isenabled()
     gc.disable()  # as in the trainer (torchtitan collects every training.gc_freq steps): no GC pauses
@@ -335,10 +350,10 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision:
         "tokens_per_s": batch * seq * timed_steps / timed_s if timed_steps else None,
         "peak_gib": peak_memory_gib(device),
         "first_step_s": first_step_s,
-        "setup_s": setup_s,
+        "setup_s": bare.setup_s,
         "loss_first": float(losses[0]),
         "loss_last": float(losses[-1]),
-        "flops_per_token": flops_per_token,
+        "flops_per_token": bare.flops_per_token,
     }
     return row
 

@@ -125,3 +125,18 @@ def test_warm_kernels_tp_local_shapes_keep_head_dims():
     assert head_k(local) == head_k(full) and local.hidden_size // local.num_heads == full.hidden_size // full.num_heads
     with pytest.raises(SystemExit, match="num_heads=4 is not divisible"):
         warm.tp_local(load_model_config(os.path.join(ROOT, "configs/gla_340M.json")), 3)
+
+
+def test_profile_step_cpu_smoke():
+    """scripts/profile_step.py: the category table covers all profiled time; matmuls are found."""
+    import re
+
+    cmd = [sys.executable, "scripts/profile_step.py", "--model", "configs/tiny/llama.json", "--device", "cpu",
+           "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    shares = dict(re.findall(r"^\| ([a-z /]+) \| [\d.]+ \| ([\d.]+)% \|$", proc.stdout, re.M))
+    assert "matmul" in shares and float(shares["matmul"]) > 0, proc.stdout
+    assert abs(sum(map(float, shares.values())) - 100) < 0.5, shares
+    assert "unprofiled step:" in proc.stdout

@@ -251,7 +251,8 @@ def one_rank_mesh(device):
     return DeviceMesh.from_group(group, device.type)
 
 
-def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, n_batches: int):
+def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, n_batches: int,
+               norm_backward_programs_per_sm: int | None = None):
     """The bare loop's model, optimizer step and batches (also used by scripts/profile_step.py).
 
     precision: "autocast" (fp32 params, bf16 autocast), "bf16" (bf16 params and optimizer), or
@@ -270,6 +271,12 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
         from recipe.job_config import Job
 
         install_shipped_results(Job.autotune_results)
+    # By default the trainer's launch of fla's norm backward (recipe/fla_kernels.py), so that the
+    # bare loop stays the ceiling of the same kernels.
+    from recipe.fla_kernels import set_norm_backward_programs_per_sm
+    from recipe.job_config import Model
+
+    set_norm_backward_programs_per_sm(norm_backward_programs_per_sm or Model.norm_backward_programs_per_sm)
     tokenizer, batches = synthetic_batches(model_path, seq, batch, n_batches)
     if on_gpu:
         batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]

@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps, then as many profiled steps")
     p.add_argument("--top", type=int, default=25, help="kernels listed")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--norm-bwd-programs-per-sm", type=int, default=None,
+                   help="fla's norm backward launch (recipe/fla_kernels.py); default: the trainer's; 1: fla's own")
     return p.parse_args(argv)
 
 
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
 
     on_gpu = torch.cuda.is_available()
     bare = bench_train.bare_setup(args.model, args.seq_len, args.batch, False, "fsdp",
-                                  args.warmup + 2 * args.steps)
+                                  args.warmup + 2 * args.steps, args.norm_bwd_programs_per_sm)
     batches = bare.batches
     for inputs, labels in batches[:args.warmup]:
         bare.step(inputs, labels)

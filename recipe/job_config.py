@@ -36,7 +36,7 @@ class Model:
 
     norm_backward_programs_per_sm: int = 4
     """Programs per SM of fla's fused norm backward (recipe/fla_kernels.py). fla launches 1, which
-    leaves the kernel waiting on memory; 4 made it 3x faster and a GLA-340M step ~4% faster on
+    leaves the kernel waiting on memory; 4 made it 3x faster and a GLA-340M step 2% faster on
     H200. 1 = fla as shipped."""
 
 

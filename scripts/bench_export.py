@@ -22,6 +22,10 @@ Receiver (engine rank 0): ``start lag`` (trainer's start() to the receiver seein
 ``ctl wait`` (waiting for the trainer's next message), ``data`` (receiving: for nccl only the
 launch), ``load`` (``load_weights``), ``finish`` (final sync + ack). For nccl most device time
 surfaces in the trainer's ``finish`` and the receiver's ``finish``.
+
+Exports run back to back by default: a receiver may then still be finishing the previous version's
+ack when the trainer starts the next one, which shows as ``start lag``. In a job a training step
+separates two exports; ``--gap_ms`` idles that long between them.
 """
 
 from __future__ import annotations
@@ -144,6 +148,8 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
 
     times, peaks, phases = [], [], []
     for version in range(args.repeats + 1):  # version 0 warms up (rendezvous, NCCL communicators)
+        if args.gap_ms:
+            time.sleep(args.gap_ms / 1e3)  # stands for the training step between two exports
         sync()
         if gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -258,6 +264,9 @@ def main() -> None:
     ap.add_argument("--engine_gpus", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--check", action="store_true", help="compare engine logits with the trainer's")
+    ap.add_argument("--gap_ms", type=float, default=0.0,
+                    help="idle time between exports, as a training step gives in a real job (back to back, the "
+                         "receivers may still be acknowledging the previous version when the next one starts)")
     args = ap.parse_args()
     if args.transport:
         rows = [(args.transport, args.model, args.bucket_mb, args.trainer_gpus, args.engine_gpus)]

@@ -4,6 +4,8 @@ Every layout starts from the reference's initial weights (``set_model_state_dict
 state dict), trains the same global batches with AdamW in fp32, each data-parallel rank taking
 its rows, and reports per-step global losses and full gradients (``DTensor.full_tensor()``).
 Layouts sharing a world size run one after another in one spawned gloo process group.
+fla's softmax attention (``transformer``) runs with an exact SDPA stand-in for flash-attn, which
+is CUDA-only (``softmax_attention``, tests/sdpa_flash_attn.py).
 """
 
 from recipe.device import configure_device
@@ -22,6 +24,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+import sdpa_flash_attn  # noqa: E402  (tests/, on sys.path in pytest and in the spawned workers)
 from recipe.net import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,6 +106,16 @@ def train_steps(model, batches, *, dp_rank=0, dp_size=1, context=nullcontext, lo
     return losses, grads
 
 
+def softmax_attention(cfg):
+    """Context in which a model of ``cfg`` is built and trained: fla's softmax attention
+    (``transformer``, the ``attn`` layers of hybrid models) calls flash-attn, CUDA-only and not
+    installable here, so it gets the exact SDPA stand-in of tests/sdpa_flash_attn.py (in the
+    reference and in every worker rank). The plans under test do not depend on the kernel."""
+    if cfg.model_type == "transformer" or getattr(cfg, "attn", None):
+        return sdpa_flash_attn.installed()
+    return nullcontext()
+
+
 def build(cfg):
     from recipe.model import build_model_on_meta
 
@@ -146,6 +159,11 @@ def linear_ce_standin(model) -> None:
 
 
 def reference(cfg, batches, seed: int = 0, setup: str = "") -> dict:
+    with softmax_attention(cfg):
+        return _reference(cfg, batches, seed, setup)
+
+
+def _reference(cfg, batches, seed: int, setup: str) -> dict:
     from recipe.model import init_weights
 
     torch.manual_seed(seed)
@@ -225,6 +243,11 @@ def fsdp_offload_counts(model) -> dict[str, int]:
 
 
 def run_job(job: Job) -> dict:
+    with softmax_attention(job.cfg):
+        return _run_job(job)
+
+
+def _run_job(job: Job) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed import utils as dist_utils

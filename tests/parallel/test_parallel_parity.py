@@ -5,7 +5,8 @@ fed its rows of the same global batch (see parallel_harness.py). Layouts of one 
 in one spawned process group (module-scoped fixtures); each (model, layout) is its own test.
 Tolerance: rtol 1e-4 / atol 1e-5 (parallel_harness.RTOL/ATOL); measured maxima are ~1e-6. fla's
 own linear cross entropy under TP compares the gradients after the first step with atol 1e-4
-(see FLA_LINEAR_CE_LATER_GRAD_TOL).
+(see FLA_LINEAR_CE_LATER_GRAD_TOL). fla's transformer runs its attention with an exact SDPA
+stand-in for flash-attn (CUDA-only): tests/sdpa_flash_attn.py, installed by the harness.
 """
 
 import pytest
@@ -46,6 +47,10 @@ MODELS["qwen3"] = ("llama", {"model_type": "qwen3"}, "")  # per-head q/k norms
 MODELS["gla_linear_ce"] = ("gla", {"fuse_linear_cross_entropy": True}, "linear_ce_standin")
 # fla's own FusedLinearCrossEntropyLoss (Triton kernels, interpreted on CPU), in the reference too
 MODELS["gla_fla_linear_ce"] = ("gla", {"fuse_linear_cross_entropy": True}, "")
+# fla's softmax attention with GQA (2 kv heads for 4 query heads: one kv head per TP rank serving
+# two query heads) and per-head q/k norms; flash-attn is CUDA-only, so the reference and every
+# rank run it with the exact SDPA stand-in of tests/sdpa_flash_attn.py (H.softmax_attention).
+MODELS["transformer"] = ("transformer", {"num_heads": 4, "num_kv_heads": 2, "qk_norm": True}, "")
 
 DENSE = ["fsdp2", "fsdp2_ac_full", "tp2_ac_op", "ddp2", "ddp2_ac_every2"]
 JOBS2 = (
@@ -54,8 +59,9 @@ JOBS2 = (
     + [("llama", "tp2_no_loss_parallel"), ("llama", "fsdp2_reshard_never"), ("llama", "tp2_compile")]
     + [("gla", "tp2_compile"), ("gla", "fsdp2_compile")]  # compiled glue around fla's kernels
     + [("llama_tied", "tp2"), ("llama_tied", "fsdp2"), ("qwen3", "tp2"), ("gla_linear_ce", "tp2")]
+    + [("transformer", "tp2")]
 )
-JOBS4 = [(m, layout) for m in ("gla", "llama") for layout in ("fsdp2_tp2", "hsdp2x2")]
+JOBS4 = [(m, layout) for m in ("gla", "llama") for layout in ("fsdp2_tp2", "hsdp2x2")] + [("transformer", "fsdp2_tp2")]
 
 
 def _run_group(jobs, world, batch, seq, tmp_dir):
@@ -147,9 +153,3 @@ def test_fla_linear_cross_entropy_tp(two_ranks, model, layout, record_property):
     got = _check(two_ranks, model, layout, record_property, later_grad_tol=FLA_LINEAR_CE_LATER_GRAD_TOL)
     assert got["criterion"] == "fla.modules.fused_linear_cross_entropy.ops.FusedLinearCrossEntropyLoss", got[
         "criterion"]
-
-
-@pytest.mark.skip(reason="fla's transformer needs flash-attn (CUDA only, not installable here); its plan is "
-                         "checked on the meta device in test_parallel_units.py")
-def test_transformer_parity():
-    pass

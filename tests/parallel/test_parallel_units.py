@@ -381,3 +381,33 @@ def test_docs_example_plan(tp_mesh):
         assert (attn.num_heads, attn.key_dim) == (1, 32)
     finally:
         registry._PLANS.pop("my_simple_gla", None)
+
+
+# ---------------------------------------------------------------- SDPA stand-in for flash-attn
+
+
+def test_sdpa_flash_attn_standin_is_causal_gqa_attention():
+    """tests/sdpa_flash_attn.py (fla's transformer in the parity runs) against attention written
+    out: query head h reads kv head h // groups, causal, scale head_dim ** -0.5; varlen attends
+    within each sequence; what it does not implement raises."""
+    import sdpa_flash_attn as S
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2))
+
+    def naive(q, k, v):
+        kv = torch.arange(q.shape[2]) // (q.shape[2] // k.shape[2])
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k[:, :, kv]) * q.shape[-1] ** -0.5
+        causal = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()
+        return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), v[:, :, kv])
+
+    torch.testing.assert_close(S.flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)), naive(q, k, v))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    packed = S.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, causal=True)
+    torch.testing.assert_close(packed, torch.cat([naive(q[:, :3], k[:, :3], v[:, :3])[0],
+                                                  naive(q[:, 3:], k[:, 3:], v[:, 3:])[0]]))
+    for bad in ({"window_size": (3, 0)}, {"dropout_p": 0.1}, {"softcap": 1.0}):
+        with pytest.raises(NotImplementedError):
+            S.flash_attn_func(q, k, v, causal=True, **bad)
+    with pytest.raises(NotImplementedError):
+        S.flash_attn_func(q, k[:, :5], v[:, :5], causal=True)

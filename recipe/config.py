@@ -390,6 +390,7 @@ def validate(config, world_size: int) -> None:
         ("metrics.log_freq", config.metrics.log_freq),
         ("checkpoint.interval", c.interval),
         ("training.gc_freq", t.gc_freq),
+        ("model.norm_backward_programs_per_sm", config.model.norm_backward_programs_per_sm),
     ):
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be a positive integer")

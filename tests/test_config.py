@@ -56,6 +56,8 @@ def test_toml_lists_and_flare_sections(tmp_path):
         ([], "[activation_checkpoint]\nmode = 'partial'\n", "activation_checkpoint.mode: must be one of"),
         ([], "[training\n", "invalid TOML"),
         (["--training.steps", "0"], None, "training.steps=0: must be a positive integer"),
+        (["--model.norm_backward_programs_per_sm", "0"], None,
+         "model.norm_backward_programs_per_sm=0: must be a positive integer"),
         (["--checkpoint.keep_latest_k", "1"], None, "checkpoint.keep_latest_k=1"),
         (["--parallelism.pipeline_parallel_degree", "2"], None, "pipeline parallelism is not supported"),
         (["--parallelism.enable_async_tensor_parallel", "--parallelism.tensor_parallel_degree", "1"], None,

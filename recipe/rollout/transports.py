@@ -152,11 +152,12 @@ class GroupTransport(Transport):
 
     def start(self, version: int, manifest: list[TensorMeta]) -> None:
         self.n_started += 1
-        t = time.time()  # receivers report start() → start received as stats["start_delay"]
-        # Receivers idle on this key between versions, not in a collective (no timeout while training).
-        self.store.set(f"{self.prefix}start{self.n_started}", "1")
-        # Not waited for: the first bucket is gathered while the receivers wake up.
-        self._post({"op": "start", "version": version, "n_tensors": len(manifest), "t": t})
+        # Receivers idle on this key between versions, not in a collective (no timeout while
+        # training); its value is the start message, so one store write wakes them and tells them
+        # the version. The first bucket is gathered while they wake up. "t": receivers report
+        # start() → start seen as stats["start_delay"].
+        msg = {"op": "start", "version": version, "n_tensors": len(manifest), "t": time.time()}
+        self.store.set(f"{self.prefix}start{self.n_started}", json.dumps(msg))
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         # gloo's broadcast is synchronous (send() returns once every receiver has the bytes), so
@@ -197,10 +198,10 @@ class GroupTransport(Transport):
     def close(self, notify: bool = False) -> None:
         if notify and self.ctl is not None:
             try:
-                # Receivers idle on the store between versions: wake them as for a version.
+                # Receivers idle on the store between versions (a version that did not finish was
+                # aborted first): the close takes the place of the next start message.
                 self.n_started += 1
-                self.store.set(f"{self.prefix}start{self.n_started}", "1")
-                send_obj(self.ctl, {"op": "close"})
+                self.store.set(f"{self.prefix}start{self.n_started}", json.dumps({"op": "close"}))
             except Exception:  # noqa: BLE001
                 pass
         for pg in {id(p): p for p in (self.ctl, self.data) if p is not None}.values():

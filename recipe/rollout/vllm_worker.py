@@ -12,13 +12,14 @@ Protocol (transfer group: the trainer's sending rank is rank 0, receivers are ra
   A trainer connects as a client and bumps ``flare/gen``; every receiver that sees a new
   generation builds the groups under the prefix ``flare/g<gen>/``. A dead or restarted peer is
   therefore handled by starting a new generation, never by reusing a broken group.
-* Control messages are JSON broadcast from rank 0 on a gloo group (CPU, with timeouts), one
-  fixed-size frame each (``send_obj``; the ``hello`` keeps version 1's framing):
-  ``start`` → ``bucket``* → ``finish`` (or ``abort``), and ``close`` when the trainer ends.
-  JSON, not pickle: a receiver must not execute what arrives on a socket.
 * Receivers idle on the store between versions (``flare/g<gen>/start<n>`` keys, watched by a
   blocking ``TCPStore.wait`` on a helper thread), not inside a collective, so a long training
-  interval never trips a collective timeout.
+  interval never trips a collective timeout. The key's value is the ``start`` message (or
+  ``close`` when the trainer ends).
+* The version's other control messages are JSON broadcast from rank 0 on a gloo group (CPU, with
+  timeouts), one fixed-size frame each (``send_obj``; the ``hello`` keeps version 1's framing):
+  ``bucket``* → ``finish`` (or ``abort``). JSON, not pickle: a receiver must not execute what
+  arrives on a socket.
 * A bucket is one flat ``uint8`` buffer plus its metadata list (name, dtype, shape, offset, nbytes),
   the metadata sent first. Data goes over the gloo group (``gloo``), a separate NCCL group
   (``nccl``), or as a CUDA IPC handle of the trainer's buffer (``ipc``), acknowledged per bucket so
@@ -46,7 +47,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2  # 2: one-broadcast message frames (the hello keeps version 1's framing)
+PROTOCOL_VERSION = 3  # 2: one-broadcast message frames (the hello keeps version 1's framing); 3: the start
+# (or close) message is the value of the store key receivers idle on, not a control-group message
 ALIGN = 64  # byte alignment of tensors in a bucket: any dtype view of a slice is legal
 _POLL_S = 0.05
 
@@ -270,6 +272,12 @@ class TrainerClosed(RuntimeError):
     """The trainer ended the connection (end of training)."""
 
 
+class _StartSignal(threading.Event):
+    """Set by the receiver's watcher thread once the start key exists; ``value`` is the key's value."""
+
+    value: bytes | None = None
+
+
 class ReceiverEndpoint:
     """One receiving rank: joins trainer connections and applies complete versions.
 
@@ -352,7 +360,7 @@ class ReceiverEndpoint:
             logger.info(f"rollout receiver rank {self.rank}: connected to trainer (generation {gen})")
         return True
 
-    def _start_waiter(self, key: str) -> threading.Event:
+    def _start_waiter(self, key: str) -> _StartSignal:
         """An event set as soon as ``key`` exists. One daemon thread per endpoint blocks in
         ``TCPStore.wait`` on a client of its own (a client is not thread-safe), one key after the
         other: the server answers the moment the trainer sets the key. Polling ``check`` every
@@ -362,7 +370,7 @@ class ReceiverEndpoint:
         if self._waiter is not None and self._waiter[0] == key:
             return self._waiter[1]
         self._release_waiter()
-        done = threading.Event()
+        done = _StartSignal()
         if self._watch is None or not self._watch[1].is_alive():
             keys: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -375,6 +383,7 @@ class ReceiverEndpoint:
                             client = dist.TCPStore(self._address, self._port, is_master=False,
                                                    timeout=timedelta(days=365), wait_for_workers=False)
                         client.wait([wanted])
+                        event.value = client.get(wanted)
                     except Exception:  # noqa: BLE001 - store gone: the main loop notices on its own
                         client = None
                     finally:
@@ -396,27 +405,41 @@ class ReceiverEndpoint:
                 with contextlib.suppress(Exception):
                     self.store.set(key, "released")  # that generation's groups are already dropped
 
-    def _wait_start(self, deadline: float | None) -> bool:
-        """Idle on the store (not in a collective) until the trainer starts the next version."""
+    def _wait_start(self, deadline: float | None) -> dict | None:
+        """Idle on the store (not in a collective) until the trainer starts the next version;
+        returns its start (or close) message, the key's value. None: deadline, or the trainer
+        reconnected (this group is stale)."""
         key = f"flare/g{self.gen}/start{self.n_started + 1}"
         done = self._start_waiter(key)
         while True:
-            # The watcher's event wakes us at once; checking the key every poll period as well
-            # covers a watcher stuck on an earlier key or whose store client failed.
+            # The watcher's signal wakes us at once with the value; checking the key every poll
+            # period as well covers a watcher stuck on an earlier key or whose store client failed.
             done.wait(_POLL_S)
-            if self.store.check([key]):
+            raw = done.value
+            if raw is None and self.store.check([key]):
+                raw = self.store.get(key)
+            if raw is not None:
                 break
             if self._current_gen() > self.gen:  # the trainer reconnected: this group is stale
                 self._drop()
                 self._release_waiter()
-                return False
-            if done.is_set():  # the watcher failed without the key: poll
+                return None
+            # The watcher ended without a value (its store client failed): poll. Not merely
+            # is_set(): the watcher may have fetched the key since the check above (it stores the
+            # value before it sets the event), and sleeping then cost a whole poll period.
+            if done.is_set() and done.value is None:
                 time.sleep(_POLL_S)
             if deadline is not None and time.monotonic() > deadline:
-                return False  # the waiter stays: the next receive() waits on the same key
+                return None  # the waiter stays: the next receive() waits on the same key
         self._waiter = None
         self.n_started += 1
-        return True
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or msg.get("op") not in ("start", "close"):
+            raise RuntimeError(f"protocol error: start key {key} holds {bytes(raw)[:80]!r}")
+        return msg
 
     # ---- receiving
 
@@ -436,12 +459,18 @@ class ReceiverEndpoint:
                     return None
                 if self.ctl is None:
                     continue
-            if not self._wait_start(deadline):
+            try:
+                start_msg = self._wait_start(deadline)
+            except RuntimeError as e:  # a value this receiver cannot read: drop, wait for a reconnect
+                logger.error(f"rollout receiver rank {self.rank}: {e}")
+                self._drop()
+                continue
+            if start_msg is None:
                 if self.ctl is not None:
                     return None  # deadline
                 continue
             try:
-                version = self._receive_version(load_weights, start, finish)
+                version = self._receive_version(start_msg, load_weights, start, finish)
             except TrainerClosed:
                 logger.info(f"rollout receiver rank {self.rank}: trainer closed the connection")
                 self._drop()
@@ -468,8 +497,7 @@ class ReceiverEndpoint:
                 self.version, self.dirty = version, False
                 return version
 
-    def _receive_version(self, load_weights, start, finish) -> int | None:
-        msg = recv_obj(self.ctl)
+    def _receive_version(self, msg: dict, load_weights, start, finish) -> int | None:
         if msg["op"] == "close":
             raise TrainerClosed()
         if msg["op"] != "start":

@@ -2,6 +2,7 @@
 planning and packing, the reference engine's load_weights contract and TP forward, the wire
 protocol over real gloo groups on threads, and the vLLM transport against a fake vLLM."""
 
+import json
 import sys
 import threading
 import time
@@ -409,11 +410,12 @@ def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts():
         def trainer_start():
             time.sleep(0.225)  # not a multiple of the old 50 ms poll
             set_at.append(time.monotonic())
-            endpoint.store.set(f"flare/g1/start{n}", "1")
+            endpoint.store.set(f"flare/g1/start{n}", json.dumps({"op": "start", "version": 10 * n}))
 
         t = threading.Thread(target=trainer_start)
         t.start()
-        assert endpoint._wait_start(deadline=time.monotonic() + 10)
+        # the key's value is the start message: no control-group message follows
+        assert endpoint._wait_start(deadline=time.monotonic() + 10) == {"op": "start", "version": 10 * n}
         lags.append(time.monotonic() - set_at[0])
         t.join()
     assert endpoint.n_started == 3
@@ -421,7 +423,7 @@ def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts():
     watchers = [t for t in threading.enumerate() if t.name == "flare-watch-r1"]
     assert len(watchers) == 1, watchers  # one thread and store client for all versions
     # a deadline leaves the waiter in place for the next call; close() releases it
-    assert not endpoint._wait_start(deadline=time.monotonic() + 0.1)
+    assert endpoint._wait_start(deadline=time.monotonic() + 0.1) is None
     waiter = endpoint._waiter
     assert waiter is not None and not waiter[1].is_set()
     endpoint.close()
@@ -508,3 +510,39 @@ def test_vllm_transport_drives_the_four_phase_api(monkeypatch):
     params = dict(model.named_parameters())
     for name, t in sent:
         assert torch.equal(t, params[name].detach().to(torch.bfloat16)), name
+
+
+def test_a_start_key_without_a_start_message_is_a_protocol_error():
+    """A trainer speaking protocol 2 wrote "1" under the start key (its start went over the control
+    group): the receiver must say so, not hang or misread it."""
+    endpoint = ReceiverEndpoint("127.0.0.1", free_port(), 1, 2, timeout_s=20)
+    endpoint.gen = int(endpoint.store.add("flare/gen", 1))
+    endpoint.store.set("flare/g1/start1", "1")
+    with pytest.raises(RuntimeError, match="protocol error: start key flare/g1/start1 holds b'1'"):
+        endpoint._wait_start(deadline=time.monotonic() + 10)
+    endpoint.close()
+
+
+def test_a_start_landing_during_the_receivers_key_check_is_taken_without_a_poll_sleep(monkeypatch):
+    """The trainer's start may land right after the receiver's own key check came back empty: the
+    watcher then has the message and the receiver must take it at once. Before, it read "watcher
+    done" as "watcher failed" and slept a poll period (50 ms: one such export per run on GPUs)."""
+    import recipe.rollout.vllm_worker as vw
+
+    endpoint = ReceiverEndpoint("127.0.0.1", free_port(), 1, 2, timeout_s=20)
+    endpoint.gen = int(endpoint.store.add("flare/gen", 1))
+    done = endpoint._start_waiter("flare/g1/start1")
+    current_gen = endpoint._current_gen
+
+    def start_lands_now():  # called by _wait_start after its key check found nothing
+        if not done.is_set():
+            endpoint.store.set("flare/g1/start1", json.dumps({"op": "start", "version": 7}))
+            assert done.wait(10)  # the watcher has fetched the message
+        return current_gen()
+
+    monkeypatch.setattr(endpoint, "_current_gen", start_lands_now)
+    slept = []
+    monkeypatch.setattr(vw.time, "sleep", lambda s: slept.append(s))
+    assert endpoint._wait_start(deadline=time.monotonic() + 30) == {"op": "start", "version": 7}
+    assert slept == []
+    endpoint.close()

@@ -134,11 +134,11 @@ def init_weights(model: nn.Module) -> None:
 def load_hf_weights(model: nn.Module, folder: str) -> None:
     """Load an HF checkpoint folder (safetensors) into a materialized, possibly sharded model.
 
-    Every rank reads the full tensors and keeps its shard (``set_model_state_dict`` with
-    ``full_state_dict``), so it works for any parallel layout.
+    Every rank reads the full tensors and keeps its shard (``load_full_state_dict``), so it works
+    for any parallel layout.
     """
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
@@ -158,5 +158,25 @@ def load_hf_weights(model: nn.Module, folder: str) -> None:
             f"model.init_from_hf: '{folder}' lacks {len(missing)} weights of this model, e.g. {missing[:3]}; "
             "does model.config match the checkpoint?"
         )
-    state = {k: v for k, v in state.items() if k in expected}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    load_full_state_dict(model, {k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load full (unsharded) tensors, present on every rank, into a possibly sharded model.
+
+    Each rank cuts its own shard locally (``distribute_tensor(..., src_data_rank=None)``): no
+    scatter, and shards of uneven size work. ``set_model_state_dict(full_state_dict=True)``
+    scatters from rank 0 and fails in torch's padded scatter when a dim splits unevenly over
+    FSDP x TP (e.g. a per-head parameter with fewer heads than TP x FSDP shards).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    current = get_model_state_dict(model)
+    sharded = {}
+    for key, value in state.items():
+        ref = current.get(key)
+        if isinstance(ref, DTensor):
+            value = distribute_tensor(value.to(ref.dtype), ref.device_mesh, ref.placements, src_data_rank=None)
+        sharded[key] = value
+    set_model_state_dict(model, sharded, options=StateDictOptions(strict=strict))

@@ -1,7 +1,7 @@
 """Parity harness: a single-process reference run vs the same training run in a parallel layout.
 
-Every layout starts from the reference's initial weights (``set_model_state_dict`` with a full
-state dict), trains the same global batches with AdamW in fp32, each data-parallel rank taking
+Every layout starts from the reference's initial weights (``recipe.model.load_full_state_dict``, as
+``model.init_from_hf`` loads), trains the same global batches with AdamW in fp32, each data-parallel rank taking
 its rows, and reports per-step global losses and full gradients (``DTensor.full_tensor()``).
 Layouts sharing a world size run one after another in one spawned gloo process group.
 fla's softmax attention (``transformer``) runs with an exact SDPA stand-in for flash-attn, which
@@ -248,12 +248,11 @@ def run_job(job: Job) -> dict:
 
 
 def _run_job(job: Job) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed import utils as dist_utils
 
     from parallelisms import parallelize_fla, prepare_model_config, validate_parallelism
-    from recipe.model import init_weights
+    from recipe.model import init_weights, load_full_state_dict
 
     layout, cfg = job.layout, copy.deepcopy(job.cfg)
     jc = layout.job_config(job.family, seq=job.batches[0][0].shape[1])
@@ -269,7 +268,7 @@ def _run_job(job: Job) -> dict:
     model.to_empty(device="cpu")
     init_weights(model)
     retie(model)
-    set_model_state_dict(model, dict(job.init), options=StateDictOptions(full_state_dict=True))
+    load_full_state_dict(model, dict(job.init))  # as model.init_from_hf loads
     if pd.dp_enabled:
         batch = pd.get_mesh("batch")
         dp_rank, dp_size, loss_group = batch.get_local_rank(), batch.size(), pd.get_mesh("loss").get_group()

@@ -60,8 +60,12 @@ JOBS2 = (
     + [("gla", "tp2_compile"), ("gla", "fsdp2_compile")]  # compiled glue around fla's kernels
     + [("llama_tied", "tp2"), ("llama_tied", "fsdp2"), ("qwen3", "tp2"), ("gla_linear_ce", "tp2")]
     + [("transformer", "tp2")]
+    # every other plan with activation checkpointing under DDP: AC wraps each family's blocks
+    + [(m, "ddp2_ac_every2") for m in ("gated_deltanet", "delta_net", "retnet", "hgrn2", "transformer")]
 )
-JOBS4 = [(m, layout) for m in ("gla", "llama") for layout in ("fsdp2_tp2", "hsdp2x2")] + [("transformer", "fsdp2_tp2")]
+# Every TP plan also under FSDP: 2-D (dp_shard x tp) DTensors on every sharded parameter.
+JOBS4 = ([(m, "fsdp2_tp2") for m in [*RUNNABLE, "transformer"]]
+         + [(m, "hsdp2x2") for m in ("gla", "llama")])
 
 
 def _run_group(jobs, world, batch, seq, tmp_dir):
@@ -112,9 +116,17 @@ def test_two_ranks(two_ranks, model, layout, record_property):
     _check(two_ranks, model, layout, record_property)
 
 
+# RetNet under FSDP2xTP2: losses and the first step's gradients within the suite's bounds; after
+# AdamW's first (about lr*sign(grad)) update one v_proj element of 8192 differed by 1.5e-5 (atol
+# 1e-5): summation-order noise moved by the update, as for fla's linear CE above. A wrong shard
+# or reduction shows at the size of the gradients themselves.
+LATER_GRAD_TOL_4 = {("retnet", "fsdp2_tp2"): (H.RTOL, 5e-5)}
+
+
 @pytest.mark.parametrize("model,layout", JOBS4, ids=[f"{m}-{lay}" for m, lay in JOBS4])
 def test_four_ranks(four_ranks, model, layout, record_property):
-    _check(four_ranks, model, layout, record_property)
+    tol = LATER_GRAD_TOL_4.get((model, layout))
+    _check(four_ranks, model, layout, record_property, **({"later_grad_tol": tol} if tol else {}))
 
 
 @pytest.mark.parametrize("model,layout", [("gla", "fsdp2_cpu_offload")])

@@ -247,35 +247,47 @@ class Cfg:
     placement: str = "disaggregated"
 
 
+def serve_in_thread(endpoint, load_weights, **callbacks):
+    """Receive versions on a thread until the trainer closes; returns (thread, applied versions)."""
+    applied = []
+
+    def serve():
+        try:
+            while True:
+                applied.append(endpoint.receive(load_weights, **callbacks))
+        except TrainerClosed:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, applied
+
+
+def send_buckets(transport, source, version, plans) -> None:
+    """Start ``version`` and send ``plans`` (the caller finishes it)."""
+    from recipe.rollout.source import Bucket
+
+    transport.init()
+    transport.start(version, source.manifest())
+    for plan in plans:
+        buf = transport.buffer(plan.nbytes)
+        source.fill(plan, buf)
+        transport.send(Bucket(plan.index, plan.metas, buf, plan.nbytes))
+
+
 def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
     cfg = tiny("llama")
     model = materialized(cfg)
     port = free_port()
     engine = LlamaTPEngine(cfg, torch.float32)
     endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, timeout_s=20)
-    applied = []
-
-    def serve():
-        try:
-            while True:
-                applied.append(endpoint.receive(engine.load_weights, start=lambda v: engine.coverage.reset(),
-                                                finish=lambda v: engine.coverage.check()))
-        except TrainerClosed:
-            pass
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
+    server, applied = serve_in_thread(endpoint, engine.load_weights, start=lambda v: engine.coverage.reset(),
+                                      finish=lambda v: engine.coverage.check())
     transport = GroupTransport(Cfg(engine_port=port))
     source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 18)
 
     def send(version, plans):
-        transport.init()
-        transport.start(version, source.manifest())
-        for plan in plans:
-            buf = transport.buffer(plan.nbytes)
-            source.fill(plan, buf)
-            from recipe.rollout.source import Bucket
-            transport.send(Bucket(plan.index, plan.metas, buf, plan.nbytes))
+        send_buckets(transport, source, version, plans)
         transport.finish(version)
 
     with pytest.raises(TransportError, match="rejected version 1"):
@@ -316,19 +328,10 @@ def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucke
             raise RuntimeError("injected load failure")
         engine.load_weights(weights)
 
-    current, applied = [0], []
-
-    def serve():
-        try:
-            while True:
-                applied.append(endpoint.receive(load, start=lambda v: (current.__setitem__(0, v),
-                                                                      engine.coverage.reset()),
-                                                finish=lambda v: engine.coverage.check()))
-        except TrainerClosed:
-            pass
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
+    current = [0]
+    server, applied = serve_in_thread(endpoint, load,
+                                      start=lambda v: (current.__setitem__(0, v), engine.coverage.reset()),
+                                      finish=lambda v: engine.coverage.check())
     transport = GroupTransport(Cfg(engine_port=port))
     source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 17)
     n = len(source.buckets)
@@ -337,14 +340,7 @@ def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucke
         bucket_of.update({m.name: plan.index for m in plan.metas})
 
     def send(version):
-        from recipe.rollout.source import Bucket
-
-        transport.init()
-        transport.start(version, source.manifest())
-        for plan in source.buckets:
-            buf = transport.buffer(plan.nbytes)
-            source.fill(plan, buf)
-            transport.send(Bucket(plan.index, plan.metas, buf, plan.nbytes))
+        send_buckets(transport, source, version, source.buckets)
         if version == 2:
             # every bucket is loaded before 'finish' is sent
             deadline = time.monotonic() + 10

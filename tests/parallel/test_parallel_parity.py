@@ -65,7 +65,7 @@ JOBS2 = (
 )
 # Every TP plan also under FSDP: 2-D (dp_shard x tp) DTensors on every sharded parameter.
 JOBS4 = ([(m, "fsdp2_tp2") for m in [*RUNNABLE, "transformer"]]
-         + [(m, "hsdp2x2") for m in ("gla", "llama")])
+         + [(m, "hsdp2x2") for m in [*RUNNABLE, "transformer"]])
 
 
 def _run_group(jobs, world, batch, seq, tmp_dir):

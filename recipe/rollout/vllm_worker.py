@@ -565,9 +565,7 @@ class ReceiverEndpoint:
                     self._release_buffers()
                     self._unmap()
                     raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
-                elif op == "close":
-                    raise TrainerClosed()
-                else:
+                else:  # "close" comes as a start key's value (protocol 3), never mid-version
                     raise RuntimeError(f"protocol error: unexpected message '{op}'")
         finally:
             if received is not None and self.device.type == "cuda":

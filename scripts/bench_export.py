@@ -121,6 +121,10 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+    if args.ramp_start is not None:
+        import recipe.rollout.source
+
+        recipe.rollout.source.RAMP_START = args.ramp_start
     source = hook._source(model)
 
     def sync():
@@ -264,6 +268,9 @@ def main() -> None:
     ap.add_argument("--engine_gpus", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--check", action="store_true", help="compare engine logits with the trainer's")
+    ap.add_argument("--ramp_start", type=int, default=None,
+                    help="first bucket = bucket_mb / ramp_start, growing 4x per bucket (default: the hook's, "
+                         "recipe.rollout.source.RAMP_START; 1 = every bucket full size)")
     ap.add_argument("--gap_ms", type=float, default=0.0,
                     help="idle time between exports, as a training step gives in a real job (back to back, the "
                          "receivers may still be acknowledging the previous version when the next one starts)")

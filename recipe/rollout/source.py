@@ -9,6 +9,11 @@ in flight (the transport rotates at most two) plus the largest gathered paramete
 
 Parameters are cast to the engine dtype *before* the gather (a sharded, elementwise cast), which
 halves the gather traffic for bf16 engines and gives the same bits as casting afterwards.
+
+The first buckets ramp up (1/16, 1/4, then the full bucket size): nothing is on the wire while the
+first bucket is filled, so a small first bucket starts the transfer sooner, and each bucket is
+filled while the smaller one before it is sent (filling is ~8x faster than the wire: a 512 MiB
+bucket of fp32 cast to bf16 took 0.5 ms on an H200, its broadcast ~1.5 ms).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from torch.distributed.tensor import DTensor
 
 from recipe.rollout.adapters import ExportAdapter, ExportItem, clean_name
 from recipe.rollout.vllm_worker import TensorMeta, align, dtype_name
+
+# Bucket i holds at most bucket_bytes * RAMP_GROWTH**i / RAMP_START (capped at bucket_bytes); 1 = no ramp.
+RAMP_START = 16
+RAMP_GROWTH = 4
 
 
 @dataclass
@@ -43,14 +52,18 @@ class Bucket:
     nbytes: int
 
 
-def plan_buckets(items: list[ExportItem], bucket_bytes: int) -> list[BucketPlan]:
+def plan_buckets(items: list[ExportItem], bucket_bytes: int, ramp_start: int = 1) -> list[BucketPlan]:
     """Consecutive items packed into buckets of at most ``bucket_bytes`` (offsets aligned); an
-    item larger than a bucket gets a bucket of its own."""
-    if bucket_bytes <= 0:
-        raise ValueError("bucket size must be positive")
+    item larger than a bucket gets a bucket of its own. With ``ramp_start`` > 1 the first bucket
+    holds ``bucket_bytes / ramp_start`` and each next one RAMP_GROWTH times more, up to ``bucket_bytes``."""
+    if bucket_bytes <= 0 or ramp_start < 1:
+        raise ValueError("bucket size and ramp start must be positive")
     buckets: list[BucketPlan] = []
     entries: list[tuple[ExportItem, TensorMeta]] = []
     end = 0
+
+    def capacity() -> int:
+        return min(bucket_bytes, max(bucket_bytes * RAMP_GROWTH ** len(buckets) // ramp_start, 1))
 
     def flush():
         nonlocal entries, end
@@ -60,13 +73,13 @@ def plan_buckets(items: list[ExportItem], bucket_bytes: int) -> list[BucketPlan]
 
     for item in items:
         offset = align(end)
-        if entries and offset + item.nbytes > bucket_bytes:
+        if entries and offset + item.nbytes > capacity():
             flush()
             offset = 0
         meta = TensorMeta(item.name, dtype_name(item.dtype), tuple(item.shape), offset, item.nbytes)
         entries.append((item, meta))
         end = offset + item.nbytes
-        if item.nbytes >= bucket_bytes:  # oversize (or exactly full): nothing else fits after it
+        if item.nbytes >= capacity():  # oversize (or exactly full): nothing else fits after it
             flush()
     flush()
     return buckets
@@ -75,10 +88,11 @@ def plan_buckets(items: list[ExportItem], bucket_bytes: int) -> list[BucketPlan]
 class WeightSource:
     """The export plan of one model; ``fill`` streams it bucket by bucket (collective)."""
 
-    def __init__(self, model: torch.nn.Module, adapter: ExportAdapter, bucket_bytes: int):
+    def __init__(self, model: torch.nn.Module, adapter: ExportAdapter, bucket_bytes: int,
+                 ramp_start: int | None = None):
         self.params = {clean_name(n): p for n, p in model.named_parameters()}
         self.items = adapter.plan({n: tuple(p.shape) for n, p in self.params.items()})
-        self.buckets = plan_buckets(self.items, bucket_bytes)
+        self.buckets = plan_buckets(self.items, bucket_bytes, RAMP_START if ramp_start is None else ramp_start)
         self.total_bytes = sum(it.nbytes for it in self.items)
         self.max_bucket_bytes = max((b.nbytes for b in self.buckets), default=0)
 

@@ -166,6 +166,16 @@ def test_buckets_respect_the_size_and_give_oversize_tensors_their_own():
     assert ["t7"] in [[m.name for m in b.metas] for b in buckets]  # exactly one bucket's worth
 
 
+def test_first_buckets_ramp_up_to_the_bucket_size():
+    items = [Item(f"t{i}", 64, (64,)) for i in range(30)]
+    buckets = plan_buckets(items, 1024, ramp_start=16)  # at most 64, 256, then 1024 bytes
+    assert [len(b.metas) for b in buckets] == [1, 4, 16, 9]
+    assert [m.name for b in buckets for m in b.metas] == [it.name for it in items]
+    # an item larger than the ramped capacity still goes alone, and the ramp goes on after it
+    big = [Item("big", 200, (200,))] + items[:6]
+    assert [len(b.metas) for b in plan_buckets(big, 1024, ramp_start=16)] == [1, 4, 2]
+
+
 def test_packing_round_trips_bit_for_bit_across_dtypes():
     cfg = tiny("gated_deltanet")
     model = materialized(cfg)

@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from recipe import flops as flops_lib
-    from recipe.model import load_model_config, uses_fla
+    from recipe.model import build_model_on_meta, load_model_config, uses_fla
 
     if not args.verbose:
         logging.disable(logging.WARNING)  # the trainer's per-step log lines; errors still show
@@ -494,12 +494,15 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for model in args.models:
         name = os.path.splitext(os.path.basename(model))[0]
-        is_fla = uses_fla(load_model_config(model))
+        model_config = load_model_config(model)
+        is_fla = uses_fla(model_config)
+        n_params = sum(p.numel() for p in build_model_on_meta(model_config).parameters())
         for seq, batch in args.shapes:
             for compile_on in args.compile:
                 # Bare variants first: the trainer row can then carry its ratio as soon as it ends.
                 for impl in sorted(args.impls, key=lambda i: i == "trainer"):
-                    row = {"model": name, "config": model, "seq": seq, "batch": batch, "compile": compile_on,
+                    row = {"model": name, "config": model, "params": n_params, "seq": seq, "batch": batch,
+                           "compile": compile_on,
                            "impl": impl, "varlen": impl == "trainer" and args.varlen and is_fla,
                            "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"],
                            "trainer_args": args.trainer_args if impl == "trainer" else ""}

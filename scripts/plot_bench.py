@@ -1,10 +1,12 @@
 """Plot scripts/bench_train.py results (JSON lines) as a PNG: tokens/s/GPU against sequence length
-(a --seq-sweep run) and, when rows of several model sizes are present, against parameter count.
+(a --seq-sweep run), or tokens/s/GPU and peak memory per GPU against model size (runs of several
+model configs in several layouts).
 
     python scripts/plot_bench.py results/bench_train.jsonl --out docs/seq_sweep.png
-    python scripts/plot_bench.py a.jsonl b.jsonl --x seq --out docs/seq_sweep.png
+    python scripts/plot_bench.py a.jsonl b.jsonl --x params --out docs/size_sweep.png
 
-One line per (model, impl, compile, varlen, trainer args); failed or skipped rows are left out.
+Against seq: one line per (model, impl, compile, varlen, trainer args). Against params: one line
+per layout (GPUs, FSDP/TP degrees) and impl. Failed or skipped rows are left out.
 Needs matplotlib (`pip install -e ".[plot]"`).
 """
 
@@ -30,8 +32,17 @@ def load_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
-def label(row: dict) -> str:
+def layout(row: dict) -> str:
+    world, tp = row.get("world_size", 1), row.get("tp", 1)
+    if tp == 1:
+        return "1 GPU" if world == 1 else f"FSDP={world}"
+    return f"TP={tp}" if world == tp else f"FSDP={world // tp} x TP={tp}"
+
+
+def label(row: dict, x: str = "seq") -> str:
     tags = [row["impl"], "compiled" if row["compile"] else "eager"]
+    if x == "params":  # lines join model sizes: name the layout, not the model
+        return f"{layout(row)} ({', '.join(tags)}{', ' + row['trainer_args'] if row.get('trainer_args') else ''})"
     if row.get("varlen"):
         tags.append("varlen")
     if row.get("trainer_args"):
@@ -39,10 +50,11 @@ def label(row: dict) -> str:
     return f"{row['model']} ({', '.join(tags)})"
 
 
-def series(rows: list[dict], x: str) -> dict[str, list[tuple[float, float]]]:
+def series(rows: list[dict], x: str, y: str = "tokens_per_s") -> dict[str, list[tuple[float, float]]]:
     lines = defaultdict(list)
     for row in rows:
-        lines[label(row)].append((row[x], row["tokens_per_s"]))
+        if row.get(y) is not None:
+            lines[label(row, x)].append((row[x], row[y]))
     return {k: sorted(v) for k, v in lines.items()}
 
 
@@ -52,23 +64,39 @@ def plot(rows: list[dict], x: str, out: str, title: str | None) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, points in series(rows, x).items():
-        xs, ys = zip(*points)
-        ax.plot(xs, [y / 1e3 for y in ys], marker="o", label=name)
-    if x == "seq":
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["seq"] for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{int(v) // 1024}k"))
-        ax.set_xlabel("sequence length (tokens per batch constant)")
+    if x == "params":
+        missing = [r["model"] for r in rows if "params" not in r]
+        if missing:
+            raise SystemExit(f"plot_bench: rows of {sorted(set(missing))} have no 'params' (written by an "
+                             "older bench_train.py); re-run them or use --x seq")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+        panels = [(axes[0], "tokens_per_s", 1e3, "tokens/s per GPU (thousands)"),
+                  (axes[1], "peak_gib", 1, "peak memory per GPU (GiB)")]
     else:
-        ax.set_xlabel(x)
-    ax.set_ylabel("tokens/s per GPU (thousands)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        panels = [(ax, "tokens_per_s", 1e3, "tokens/s per GPU (thousands)")]
+    for ax, y, scale, ylabel in panels:
+        for name, points in series(rows, x, y).items():
+            xs, ys = zip(*points)
+            if x == "params":
+                xs = [v / 1e6 for v in xs]
+            ax.plot(xs, [v / scale for v in ys], marker="o", label=name)
+        if x == "seq":
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["seq"] for r in rows}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{int(v) // 1024}k"))
+            ax.set_xlabel("sequence length (tokens per batch constant)")
+        elif x == "params":
+            ax.set_xticks(sorted({round(r["params"] / 1e6) for r in rows}))
+            ax.set_xlabel("parameters (millions)")
+        else:
+            ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    panels[0][0].legend(fontsize=8)
     devices = sorted({r.get("device", "") for r in rows} - {""})
-    ax.set_title(title or f"scripts/bench_train.py{' on ' + ', '.join(devices) if devices else ''}", fontsize=10)
+    fig.suptitle(title or f"scripts/bench_train.py{' on ' + ', '.join(devices) if devices else ''}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
 
@@ -76,7 +104,7 @@ def plot(rows: list[dict], x: str, out: str, title: str | None) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="bench_train.py JSON-lines files")
-    p.add_argument("--x", default="seq", help="row key for the x axis (default: seq)")
+    p.add_argument("--x", default="seq", help="row key for the x axis: seq (default), params, or any other")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)

@@ -113,6 +113,25 @@ def test_plot_bench_writes_a_png(tmp_path):
     assert set(plot.series(plot.load_rows([str(results)]), "seq")) == {"gla (trainer, eager)", "llama (trainer, eager)"}
 
 
+def test_plot_bench_size_sweep_joins_models_per_layout(tmp_path):
+    pytest.importorskip("matplotlib", reason="optional: pip install -e '.[plot]'")
+    plot = load_script("plot_bench")
+    results = tmp_path / "sizes.jsonl"
+    rows = [
+        {"model": m, "params": n, "seq": 4096, "compile": False, "impl": "trainer", "world_size": w, "tp": tp,
+         "tokens_per_s": tps, "peak_gib": gib}
+        for m, n, w, tp, tps, gib in (("gla_340M", 3.4e8, 1, 1, 150.0, 32.0), ("gla_1B", 1.3e9, 1, 1, 53.0, 75.0),
+                                      ("gla_340M", 3.4e8, 4, 2, 60.0, 20.0), ("gla_1B", 1.3e9, 4, 2, 38.0, 41.0))
+    ]
+    results.write_text("\n".join(json.dumps(r) for r in rows))
+    lines = plot.series(plot.load_rows([str(results)]), "params")
+    assert lines == {"1 GPU (trainer, eager)": [(3.4e8, 150.0), (1.3e9, 53.0)],
+                     "FSDP=2 x TP=2 (trainer, eager)": [(3.4e8, 60.0), (1.3e9, 38.0)]}
+    assert plot.series(plot.load_rows([str(results)]), "params", "peak_gib")["1 GPU (trainer, eager)"][1] == (1.3e9, 75.0)
+    assert plot.main([str(results), "--x", "params", "--out", str(tmp_path / "sizes.png")]) == 0
+    assert (tmp_path / "sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_warm_kernels_tp_local_shapes_keep_head_dims():
     """--tp N warms what one tensor-parallel rank runs: heads and widths split, head dims kept."""
     from recipe.model import load_model_config

@@ -107,6 +107,9 @@ class GroupTransport(Transport):
         self.n_started = 0
         self.host_buffer: torch.Tensor | None = None
         self.pending_ctl: collections.deque = collections.deque()
+        # Tensors announced in the start message and sent since: receivers end the version on
+        # their own once the count is reached (protocol 4), and then wait in the final agree.
+        self.n_announced = self.n_sent = 0
 
     def init(self) -> None:
         if self.ctl is not None:
@@ -157,6 +160,7 @@ class GroupTransport(Transport):
         # the version. The first bucket is gathered while they wake up. "t": receivers report
         # start() → start seen as stats["start_delay"].
         msg = {"op": "start", "version": version, "n_tensors": len(manifest), "t": time.time()}
+        self.n_announced, self.n_sent = len(manifest), 0
         self.store.set(f"{self.prefix}start{self.n_started}", json.dumps(msg))
 
     def buffer(self, nbytes: int) -> torch.Tensor:
@@ -170,6 +174,11 @@ class GroupTransport(Transport):
     def send(self, bucket: Bucket) -> None:
         self._post(self._bucket_msg(bucket))
         self._send_data(bucket)
+        self.n_sent += len(bucket.metas)
+
+    @property
+    def receivers_in_final_agree(self) -> bool:
+        return self.n_started > 0 and self.n_sent == self.n_announced
 
     def _bucket_msg(self, bucket: Bucket) -> dict:
         return {"op": "bucket", "index": bucket.index, "nbytes": bucket.nbytes,
@@ -183,7 +192,8 @@ class GroupTransport(Transport):
     def finish(self, version: int) -> None:
         self.host_buffer = None  # not held between exports
         self._drain_ctl()
-        send_obj(self.ctl, {"op": "finish", "version": version})
+        if not self.receivers_in_final_agree:  # ended early: receivers wait for more buckets
+            send_obj(self.ctl, {"op": "finish", "version": version})
         if not agree(self.ctl, True):
             raise TransportError(f"a receiver rejected version {version} (see the receiver's log)")
 
@@ -191,7 +201,11 @@ class GroupTransport(Transport):
         """Tell receivers to drop the partial version, if the control group still works."""
         if self.ctl is not None:
             try:
-                send_obj(self.ctl, {"op": "abort", "reason": reason})
+                if self.receivers_in_final_agree:  # every bucket went out: reject in the final agree
+                    self._drain_ctl()
+                    agree(self.ctl, False)
+                else:
+                    send_obj(self.ctl, {"op": "abort", "reason": reason})
             except Exception:  # noqa: BLE001 - the group is already broken; close() follows
                 pass
 
@@ -257,10 +271,15 @@ class NcclTransport(GroupTransport):
         self.works[slot] = work
 
     def finish(self, version: int) -> None:
+        # The receivers acknowledge after their last bucket arrived, so once the final agree is
+        # through the broadcasts are done too; waiting for them first put a host poll and a
+        # sequential round trip on the export's critical path.
         works, self.works = [w for w in self.works if w is not None], [None, None]
-        self._wait_host(works)
-        self.slots = [None, None]  # back to the allocator for training; not held between exports
-        super().finish(version)
+        try:
+            super().finish(version)
+        finally:
+            self._wait_host(works)
+            self.slots = [None, None]  # back to the allocator for training; not held between exports
 
     def close(self, notify: bool = False) -> None:
         super().close(notify)
@@ -305,6 +324,7 @@ class IpcTransport(GroupTransport):
         msg["ipc"] = ipc_handle(bucket.buffer)
         self._post(msg)
         self.unacked = True
+        self.n_sent += len(bucket.metas)
 
     def _send_data(self, bucket: Bucket) -> None:  # the handle is the data
         pass
@@ -313,6 +333,14 @@ class IpcTransport(GroupTransport):
         self._collect_ack()
         super().finish(version)
         self._release()
+
+    def abort(self, reason: str) -> None:
+        if self.ctl is not None and self.receivers_in_final_agree:
+            try:
+                self._collect_ack()  # the last bucket's ack comes before the final agree
+            except Exception:  # noqa: BLE001 - the group is broken; close() follows
+                pass
+        super().abort(reason)
 
     def _release(self) -> None:
         self.slots = [None, None]

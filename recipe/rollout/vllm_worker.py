@@ -18,14 +18,14 @@ Protocol (transfer group: the trainer's sending rank is rank 0, receivers are ra
   ``close`` when the trainer ends).
 * The version's other control messages are JSON broadcast from rank 0 on a gloo group (CPU, with
   timeouts), one fixed-size frame each (``send_obj``; the ``hello`` keeps version 1's framing):
-  ``bucket``* → ``finish`` (or ``abort``). JSON, not pickle: a receiver must not execute what
-  arrives on a socket.
+  ``bucket``* until the start message's tensor count has arrived (a sender that ends early sends
+  ``finish``), or ``abort``. JSON, not pickle: a receiver must not execute what arrives on a socket.
 * A bucket is one flat ``uint8`` buffer plus its metadata list (name, dtype, shape, offset, nbytes),
   the metadata sent first. Data goes over the gloo group (``gloo``), a separate NCCL group
   (``nccl``), or as a CUDA IPC handle of the trainer's buffer (``ipc``), acknowledged per bucket so
   the trainer never overwrites a buffer a receiver is still reading.
-* ``finish`` ends with an all-reduce(MIN) of every rank's status: the version counts as applied
-  only if every receiver applied every bucket.
+* A version ends with an all-reduce(MIN) of every rank's status: it counts as applied only if
+  every receiver applied every bucket.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3  # 2: one-broadcast message frames (the hello keeps version 1's framing); 3: the start
-# (or close) message is the value of the store key receivers idle on, not a control-group message
+PROTOCOL_VERSION = 4  # 2: one-broadcast message frames (the hello keeps version 1's framing); 3: the start
+# (or close) message is the value of the store key receivers idle on, not a control-group message;
+# 4: a version ends when the start message's tensor count has arrived (no 'finish' round trip)
 ALIGN = 64  # byte alignment of tensors in a bucket: any dtype view of a slice is legal
 _POLL_S = 0.05
 
@@ -515,51 +516,28 @@ class ReceiverEndpoint:
         except Exception as e:  # noqa: BLE001 - report through the final status, stay in step
             error = e
         # Bucket k is loaded only after the receive of bucket k+1 is posted: its load_weights
-        # (host time: one copy launch per tensor) then runs while k+1 is on the wire. The last
-        # bucket (its tensors complete the start message's count) is loaded at once.
+        # (host time: one copy launch per tensor) then runs while k+1 is on the wire. The version
+        # is complete once the start message's tensor count has arrived: the last bucket is loaded
+        # at once and acknowledged without waiting for a 'finish' message (protocol 4; a sender
+        # that ends a version early sends 'finish' itself, and the missing weights reject it).
         received = None  # the bucket whose bytes are in (or arriving), not loaded yet
         n_tensors, n_seen = int(msg.get("n_tensors", -1)), 0
         try:
-            while True:
+            while n_seen != n_tensors:
                 t0 = time.perf_counter()
                 msg = recv_obj(self.ctl)
                 stats["ctl_wait"] += time.perf_counter() - t0
                 op = msg["op"]
                 if op == "bucket":
+                    n_seen += len(msg["tensors"])
                     if self.backend == "ipc":
                         error = self._receive_ipc_bucket(msg, load_weights, error)
                         continue
                     arriving = self._receive_bucket(msg)
                     error = self._load(received, load_weights, error)
                     received = arriving
-                    n_seen += len(msg["tensors"])
-                    if n_seen == n_tensors:
-                        error = self._load(received, load_weights, error)
-                        received = None
                 elif op == "finish":
-                    error = self._load(received, load_weights, error)
-                    received = None
-                    t0 = time.perf_counter()
-                    if self.device.type == "cuda":  # the copies into the weights are done before we ack
-                        if self._load_stream is not None:
-                            self._load_stream.synchronize()
-                        torch.cuda.current_stream(self.device).synchronize()
-                    self._release_buffers()
-                    self._unmap()  # before the ack: the producer frees its buffers right after it
-                    if error is None and finish is not None:
-                        try:
-                            finish(version)
-                        except Exception as e:  # noqa: BLE001
-                            error = e
-                    if error is not None:
-                        logger.error(f"rollout receiver rank {self.rank}: version {version} rejected: {error}")
-                    ok = agree(self.ctl, error is None)
-                    stats["finish"] += time.perf_counter() - t0
-                    if not ok:
-                        if error is None:
-                            logger.warning(f"rollout receiver rank {self.rank}: version {version} failed on another rank")
-                        return None
-                    return version
+                    break
                 elif op == "abort":
                     received = None  # an incomplete version is never loaded further
                     self._release_buffers()
@@ -567,10 +545,37 @@ class ReceiverEndpoint:
                     raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
                 else:  # "close" comes as a start key's value (protocol 3), never mid-version
                     raise RuntimeError(f"protocol error: unexpected message '{op}'")
+            error = self._load(received, load_weights, error)
+            received = None
+            return self._complete(version, error, finish)
         finally:
             if received is not None and self.device.type == "cuda":
                 # A failed version: the pending receive may still write into its buffer.
                 torch.cuda.current_stream(self.device).synchronize()
+
+    def _complete(self, version: int, error, finish) -> int | None:
+        """Wait for the loads, check the version (``finish``), and agree with every rank on it."""
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":  # the copies into the weights are done before we ack
+            if self._load_stream is not None:
+                self._load_stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        self._release_buffers()
+        self._unmap()  # before the ack: the producer frees its buffers right after it
+        if error is None and finish is not None:
+            try:
+                finish(version)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        if error is not None:
+            logger.error(f"rollout receiver rank {self.rank}: version {version} rejected: {error}")
+        ok = agree(self.ctl, error is None)
+        self.stats["finish"] += time.perf_counter() - t0
+        if not ok:
+            if error is None:
+                logger.warning(f"rollout receiver rank {self.rank}: version {version} failed on another rank")
+            return None
+        return version
 
     def _receive_ipc_bucket(self, msg: dict, load_weights, error):
         stats = self.stats

@@ -311,10 +311,36 @@ def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
     endpoint.close()
 
 
+def test_a_failure_after_the_last_bucket_rejects_the_version_without_a_hang():
+    """Receivers end a version on their own once every announced tensor arrived and wait in the
+    final agree; a trainer-side failure at that point must reject the version there (an 'abort'
+    frame would wait for receivers that no longer read frames), and the connection stays usable."""
+    cfg = tiny("llama")
+    model = materialized(cfg)
+    port = free_port()
+    engine = LlamaTPEngine(cfg, torch.float32)
+    endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, timeout_s=20)
+    server, applied = serve_in_thread(endpoint, engine.load_weights, start=lambda v: engine.coverage.reset(),
+                                      finish=lambda v: engine.coverage.check())
+    transport = GroupTransport(Cfg(engine_port=port, timeout_s=20))
+    source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 18)
+    send_buckets(transport, source, 1, source.buckets)
+    t0 = time.monotonic()
+    transport.abort("a trainer rank failed after the last bucket")
+    assert time.monotonic() - t0 < 5
+    send_buckets(transport, source, 2, source.buckets)
+    transport.finish(2)
+    transport.close(notify=True)
+    server.join(20)
+    assert applied == [2] and endpoint.version == 2 and not endpoint.dirty  # version 1 was never applied
+    endpoint.close()
+
+
 def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucket_at_once():
     """Bucket k is loaded after the receive of k+1 is posted (its load overlaps the transfer of
-    k+1 on GPUs); the last bucket is loaded as soon as it is posted, not after 'finish'. A load
-    that fails rejects the version; the next one on the same connection is applied whole."""
+    k+1 on GPUs); the last bucket is loaded as soon as it is posted, and the version is
+    acknowledged without a 'finish' message. A load that fails rejects the version; the next one
+    on the same connection is applied whole."""
     cfg = tiny("llama")
     model = materialized(cfg)
     port = free_port()
@@ -352,7 +378,7 @@ def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucke
     def send(version):
         send_buckets(transport, source, version, source.buckets)
         if version == 2:
-            # every bucket is loaded before 'finish' is sent
+            # every bucket is loaded before transport.finish() is called
             deadline = time.monotonic() + 10
             while events[-1] != ("load", n - 1) and time.monotonic() < deadline:
                 time.sleep(0.01)

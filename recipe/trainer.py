@@ -17,6 +17,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
 from torchtitan.components.checkpoint import AsyncMode
@@ -268,11 +269,14 @@ class Trainer(Stateful):
         self.optimizers.zero_grad()
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
 
-        # The model shifts labels by one: the last position of each row has no target.
+        # The model shifts labels by one: the last position of each row has no target. Counted on
+        # the host (the labels are CPU tensors) and summed over DP ranks without a host sync, so
+        # the host keeps queuing work ahead of the GPU: torch.tensor(..., device=cuda) would wait
+        # for the device, and torchtitan's dist_sum returns .item().
         local_valid = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro_batches)
-        global_valid = torch.tensor(local_valid, dtype=torch.float32, device=self.device)
+        global_valid = torch.tensor(float(local_valid)).to(self.device, non_blocking=True)  # staged, no device wait
         if pd.dp_enabled:
-            global_valid = dist_utils.dist_sum(global_valid, pd.get_mesh("batch"))
+            global_valid = funcol.all_reduce(global_valid, reduceOp="sum", group=pd.get_mesh("batch"))
 
         losses = []
         for input_dict, labels in micro_batches:

@@ -225,6 +225,25 @@ def test_nan_skip_on_device_with_fsdp(tmp_path):
     trainer.close()
 
 
+def test_steps_between_log_steps_read_nothing_back_to_the_host(tmp_path, monkeypatch):
+    # No .item()/.tolist() on a step that does not log: on a GPU each one waits for the device and
+    # stops the host from queuing the next step ahead of it (torchtitan's dist_sum is one).
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
+                           "--optimizer.implementation", "fused", "--metrics.log_freq", "100")
+    batches = micro_batches(trainer, 3)
+    trainer.step = 1
+    trainer.train_step(batches[0])  # step 1 logs
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    for step, batch in ((2, batches[1]), (3, batches[2])):
+        trainer.step = step
+        trainer.train_step(batch)
+    assert reads == []
+    trainer.close()
+
+
 def test_varlen_needs_an_fla_model(tmp_path):
     from recipe.errors import ConfigError
 

@@ -61,12 +61,13 @@ def apply_fsdp(
         fully_shard(head, **kwargs, reshard_after_forward=reshard_after_forward_policy == "always")
     fully_shard(model, **kwargs)
 
-    # Plain sums: with factor 1 FSDP would otherwise reduce with PREMUL_SUM(1.0), which gloo (CPU)
-    # lacks and which makes NCCL create and destroy a custom reduction op per call.
+    # Plain sums: with factor 1 FSDP would use PREMUL_SUM(1.0), which gloo (CPU) lacks.
+    force_sum = dp_mesh.device_type == "cpu"
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
+            if force_sum:
+                module.set_force_sum_reduction_for_comms(True)
 
 
 def _allreduce_sum_hook(group, bucket):

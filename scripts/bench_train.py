@@ -15,6 +15,9 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   parameters and optimizer state, ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16
   compute, fp32 masters: the trainer's numerics). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
+* ``bare-fsdp-dp`` (on request, under torchrun): the same loop with FSDP2 over all ranks (real
+  all-gathers and reduce-scatters, FSDP's defaults): the ceiling of a data-parallel job. Between
+  it and ``bare-fsdp`` lies the cost of communication; between it and ``trainer``, the framework's.
 
 Columns: tokens/s per GPU, MFU (``recipe.flops`` FLOPs/token over the
 device's bf16 dense peak), peak memory (CUDA reserved; process peak RSS on CPU), the wall time of the
@@ -53,8 +56,9 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-IMPLS = ("trainer", "bare", "bare-bf16", "bare-fsdp")
-BARE_PRECISION = {"bare": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp"}
+IMPLS = ("trainer", "bare", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
+DEFAULT_IMPLS = IMPLS[:4]  # bare-fsdp-dp on request: it needs several ranks
+BARE_PRECISION = {"bare": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp", "bare-fsdp-dp": "fsdp-dp"}
 
 
 def parse_args(argv=None):
@@ -67,7 +71,7 @@ def parse_args(argv=None):
                    help="comma-separated seq lens at constant tokens per batch (seq-len x batch); "
                         "batch = tokens / seq")
     p.add_argument("--compile", default=None, help="off, on, or off,on (default: off,on; off on CPU)")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--log-freq", type=int, default=10,
@@ -232,10 +236,8 @@ def synthetic_batches(model: str, seq: int, batch: int, n: int):
     return tokenizer, [(inputs["input"], labels) for inputs, labels in batches]
 
 
-def one_rank_mesh(device):
-    """A DeviceMesh holding only this rank (FSDP with no communication), under torchrun or not."""
+def init_distributed(device) -> None:
     import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -244,6 +246,23 @@ def one_rank_mesh(device):
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def world_mesh(device):
+    """A DeviceMesh over every rank (bare-fsdp-dp: FSDP with its communication)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    init_distributed(device)
+    return DeviceMesh.from_group(dist.group.WORLD, device.type)
+
+
+def one_rank_mesh(device):
+    """A DeviceMesh holding only this rank (FSDP with no communication), under torchrun or not."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    init_distributed(device)
     if dist.get_world_size() == 1:
         group = dist.group.WORLD
     else:
@@ -301,8 +320,8 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
         from parallelisms.compile import apply_compile
 
         apply_compile(blocks, argparse.Namespace(backend="inductor"))
-    if precision == "fsdp":
-        mesh = one_rank_mesh(device)
+    if precision in ("fsdp", "fsdp-dp"):
+        mesh = one_rank_mesh(device) if precision == "fsdp" else world_mesh(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_gpu else torch.float32,
                                   reduce_dtype=torch.float32)
         for block in blocks:
@@ -510,6 +529,8 @@ def main(argv=None) -> int:
                         row["error"] = f"skipped: --budget-s {args.budget_s:g} spent"
                     elif impl == "trainer" and args.varlen and not is_fla:
                         row["error"] = "skipped: varlen needs an fla model"
+                    elif impl == "bare-fsdp-dp" and env["world_size"] == 1:
+                        row["error"] = "skipped: bare-fsdp-dp needs several ranks (torchrun); on one it is bare-fsdp"
                     else:
                         free_memory()
                         try:

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from recipe.net import free_port
 
 SMOKE_BENCH = ["scripts/bench_train.py", "--device", "cpu", "--models", "configs/tiny/llama.json",
                "--seq-len", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
@@ -32,9 +33,13 @@ def load_script(name):
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    out_dp = tmp_path_factory.mktemp("bench_dp") / "bench.jsonl"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     procs = {
         "bench": subprocess.Popen([sys.executable, *SMOKE_BENCH, "--out", str(out)], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "bench_dp": subprocess.Popen([*torchrun, *SMOKE_BENCH, "--impls", "bare-fsdp,bare-fsdp-dp", "--out", str(out_dp)],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "worker": subprocess.Popen([sys.executable, *WORKER], cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
     }
@@ -42,7 +47,7 @@ def runs(tmp_path_factory):
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         results[name] = (proc.returncode, stdout, stderr)
-    results["bench_out"] = out
+    results["bench_out"], results["bench_dp_out"] = out, out_dp
     return results
 
 
@@ -64,6 +69,17 @@ def test_bench_train_cpu_smoke(runs):
         assert row["loss_last"] == row["loss_last"]  # not NaN
     trainer = next(r for r in rows if r["impl"] == "trainer")
     assert trainer["trainer_over_bare"] > 0
+
+
+def test_bench_train_bare_fsdp_dp_runs_over_two_ranks(runs):
+    """bare-fsdp-dp shards over every rank (the data-parallel ceiling); bare-fsdp stays per rank."""
+    rc, stdout, stderr = runs["bench_dp"]
+    assert rc == 0, stdout[-2000:] + stderr[-3000:]
+    with open(runs["bench_dp_out"]) as f:
+        header, *rows = [json.loads(line) for line in f]
+    assert header["header"]["world_size"] == 2
+    assert sorted(r["impl"] for r in rows) == ["bare-fsdp", "bare-fsdp-dp"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 and r["world_size"] == 2 for r in rows), rows
 
 
 def test_bench_train_seq_sweep_keeps_tokens_per_batch():

@@ -73,6 +73,17 @@ class AtomicCheckpointManager(CheckpointManager):
         return super().load(step)
 
 
+    def _find_load_step(self, folder: str = "") -> int:
+        """The newest complete ``step-N``. torchtitan's own search matches ``step-(\\d+)`` anywhere
+        in a name, so a ``step-N.partial`` whose ``.metadata`` was written before a kill (the rename
+        had not happened yet) was picked, and the restart failed looking for ``step-N``."""
+        folder = folder or self.folder
+        steps = [step for step, _ in complete_checkpoints(folder)]
+        if os.path.isdir(folder):  # torchtitan also loads HF-format saves (safetensors index)
+            steps += [int(m.group(1)) for name in os.listdir(folder) if (m := _STEP_DIR.match(name))
+                      and os.path.isfile(os.path.join(folder, name, "model.safetensors.index.json"))]
+        return max(steps, default=-1)
+
     def dcp_save(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection=False, to_hf=False):
         if async_mode != AsyncMode.DISABLED:
             return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)

@@ -108,6 +108,26 @@ def test_interrupted_save_never_replaces_the_last_good_one(tmp_path, process_gro
     manager.close()
 
 
+def test_a_kill_between_metadata_and_rename_resumes_from_the_last_complete_one(tmp_path, process_group):
+    # DCP writes .metadata last, but into step-N.partial: a kill before the rename leaves a
+    # partial folder that looks finished. torchtitan's unanchored step-(\d+) search picked it and
+    # the restart failed with "checkpoint .../step-N is not found" (seen in soak_resume).
+    import shutil
+
+    manager, model, data = build(tmp_path, keep_latest_k=2)
+    save_at(manager, model, data, 10)
+    save_at(manager, model, data, 20)
+    manager.close()
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(folder / "step-20", folder / f"step-30{PARTIAL_SUFFIX}")  # .metadata and all
+
+    manager, model, data = build(tmp_path)
+    assert manager._find_load_step() == 20
+    assert manager.load()
+    assert model.weight.eq(20.0).all() and data.position == 20
+    manager.close()
+
+
 def test_resave_of_same_step_replaces_it_whole(tmp_path, process_group):
     manager, model, data = build(tmp_path)
     save_at(manager, model, data, 10)

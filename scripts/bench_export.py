@@ -17,7 +17,7 @@ A second table splits each export into phases (median over the repeats, millisec
 time). Trainer (sending rank): ``start`` (connect check + start message), ``buffer`` (waiting
 for a free bucket buffer: gloo/ipc on the host; nccl only queues a device-side wait), ``fill`` (gather + cast + pack launch), ``send`` (control message +
 data: the whole transfer for gloo, a launch for nccl, sync + ack for ipc), ``agree`` (trainer
-ranks agreeing on the outcome), ``finish`` (draining the transfers + the receivers' final ack).
+ranks agreeing on the outcome), ``finish`` (the receivers' final ack, which comes once the last bucket is loaded, then the sender's own broadcasts).
 Receiver (engine rank 0): ``start lag`` (trainer's start() to the receiver seeing it),
 ``ctl wait`` (waiting for the trainer's next message), ``data`` (receiving: for nccl only the
 launch), ``load`` (``load_weights``), ``finish`` (final sync + ack). For nccl most device time

@@ -285,7 +285,9 @@ def send_buckets(transport, source, version, plans) -> None:
         transport.send(Bucket(plan.index, plan.metas, buf, plan.nbytes))
 
 
-def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
+def checked_receiver():
+    """A tiny Llama, a reference engine that rejects incomplete versions, its receiver serving on
+    a thread, and a gloo transport to it: (cfg, model, engine, endpoint, server, applied, transport, source)."""
     cfg = tiny("llama")
     model = materialized(cfg)
     port = free_port()
@@ -293,8 +295,13 @@ def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
     endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, timeout_s=20)
     server, applied = serve_in_thread(endpoint, engine.load_weights, start=lambda v: engine.coverage.reset(),
                                       finish=lambda v: engine.coverage.check())
-    transport = GroupTransport(Cfg(engine_port=port))
+    transport = GroupTransport(Cfg(engine_port=port, timeout_s=20))
     source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 18)
+    return cfg, model, engine, endpoint, server, applied, transport, source
+
+
+def test_protocol_rejects_a_bad_version_and_recovers_on_the_same_connection():
+    cfg, model, engine, endpoint, server, applied, transport, source = checked_receiver()
 
     def send(version, plans):
         send_buckets(transport, source, version, plans)
@@ -315,15 +322,7 @@ def test_a_failure_after_the_last_bucket_rejects_the_version_without_a_hang():
     """Receivers end a version on their own once every announced tensor arrived and wait in the
     final agree; a trainer-side failure at that point must reject the version there (an 'abort'
     frame would wait for receivers that no longer read frames), and the connection stays usable."""
-    cfg = tiny("llama")
-    model = materialized(cfg)
-    port = free_port()
-    engine = LlamaTPEngine(cfg, torch.float32)
-    endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, timeout_s=20)
-    server, applied = serve_in_thread(endpoint, engine.load_weights, start=lambda v: engine.coverage.reset(),
-                                      finish=lambda v: engine.coverage.check())
-    transport = GroupTransport(Cfg(engine_port=port, timeout_s=20))
-    source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 18)
+    cfg, model, engine, endpoint, server, applied, transport, source = checked_receiver()
     send_buckets(transport, source, 1, source.buckets)
     t0 = time.monotonic()
     transport.abort("a trainer rank failed after the last bucket")

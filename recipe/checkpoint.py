@@ -26,17 +26,22 @@ PARTIAL_SUFFIX = ".partial"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def complete_checkpoints(folder: str) -> list[tuple[int, str]]:
-    """(step, path) of the finished DCP checkpoints in `folder`, oldest first."""
+def _step_dirs(folder: str, marker: str) -> list[tuple[int, str]]:
+    """(step, path) of the `step-N` folders (exactly that name) in `folder` holding `marker`, oldest first."""
     if not os.path.isdir(folder):
         return []
     found = []
     for name in os.listdir(folder):
         match = _STEP_DIR.match(name)
         path = os.path.join(folder, name)
-        if match and os.path.isfile(os.path.join(path, ".metadata")):
+        if match and os.path.isfile(os.path.join(path, marker)):
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def complete_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """(step, path) of the finished DCP checkpoints in `folder`, oldest first."""
+    return _step_dirs(folder, ".metadata")
 
 
 def _is_rank0() -> bool:
@@ -72,17 +77,14 @@ class AtomicCheckpointManager(CheckpointManager):
                 )
         return super().load(step)
 
-
     def _find_load_step(self, folder: str = "") -> int:
         """The newest complete ``step-N``. torchtitan's own search matches ``step-(\\d+)`` anywhere
         in a name, so a ``step-N.partial`` whose ``.metadata`` was written before a kill (the rename
         had not happened yet) was picked, and the restart failed looking for ``step-N``."""
         folder = folder or self.folder
-        steps = [step for step, _ in complete_checkpoints(folder)]
-        if os.path.isdir(folder):  # torchtitan also loads HF-format saves (safetensors index)
-            steps += [int(m.group(1)) for name in os.listdir(folder) if (m := _STEP_DIR.match(name))
-                      and os.path.isfile(os.path.join(folder, name, "model.safetensors.index.json"))]
-        return max(steps, default=-1)
+        # As torchtitan: DCP checkpoints, and HF-format saves (safetensors index).
+        found = complete_checkpoints(folder) + _step_dirs(folder, "model.safetensors.index.json")
+        return max((step for step, _ in found), default=-1)
 
     def dcp_save(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection=False, to_hf=False):
         if async_mode != AsyncMode.DISABLED:

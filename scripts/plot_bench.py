@@ -41,13 +41,12 @@ def layout(row: dict) -> str:
 
 def label(row: dict, x: str = "seq") -> str:
     tags = [row["impl"], "compiled" if row["compile"] else "eager"]
-    if x == "params":  # lines join model sizes: name the layout, not the model
-        return f"{layout(row)} ({', '.join(tags)}{', ' + row['trainer_args'] if row.get('trainer_args') else ''})"
     if row.get("varlen"):
         tags.append("varlen")
     if row.get("trainer_args"):
         tags.append(row["trainer_args"])
-    return f"{row['model']} ({', '.join(tags)})"
+    # Against params, lines join model sizes: name the layout, not the model.
+    return f"{layout(row) if x == 'params' else row['model']} ({', '.join(tags)})"
 
 
 def series(rows: list[dict], x: str, y: str = "tokens_per_s") -> dict[str, list[tuple[float, float]]]:

@@ -2,8 +2,9 @@
 
 For every model config x (seq_len, batch) x compile setting it measures, in one process:
 
-* ``trainer``: ``recipe.trainer.Trainer`` built from CLI overrides (synthetic corpus, byte tokenizer,
-  dataloader workers and pinned memory as in configs/*_340M.toml, no checkpoints, metrics every
+* ``trainer``: ``recipe.trainer.Trainer`` built from the model's shipped recipe (``configs/<model>.toml``
+  next to the JSON when there is one: its FSDP reshard policy, dataloader workers, pinned memory)
+  with offline overrides (synthetic corpus, byte tokenizer, no checkpoints, metrics every
   ``--log-freq`` steps) and driven through its own ``train()`` loop, untouched. Throughput is the
   median ``tps`` of its logged windows after the warm-up steps; on one GPU the trainer uses
   single-device FSDP (bf16 compute, fp32 masters), under torchrun FSDP over all ranks (``--tp 2``
@@ -78,6 +79,9 @@ def parse_args(argv=None):
                    help="trainer rows: metrics.log_freq (a real job's cadence; --warmup must be a multiple)")
     p.add_argument("--varlen", action="store_true", help="trainer rows pack each batch into one row (fla models)")
     p.add_argument("--tp", type=int, default=1, help="trainer rows: parallelism.tensor_parallel_degree")
+    p.add_argument("--trainer-config", default="auto",
+                   help="trainer rows: TOML job config under the overrides; auto (default) = configs/<model>.toml "
+                        "next to the model JSON when it exists, none = the trainer's defaults")
     p.add_argument("--trainer-args", default="",
                    help='extra trainer overrides, e.g. "--model.converters quantize.linear.float8" (a single '
                         'flag needs the = form: --trainer-args=--parallelism.enable_async_tensor_parallel)')
@@ -136,10 +140,22 @@ def peak_memory_gib(device) -> float:
     return MemoryMonitor(device).peak_gib()
 
 
+def recipe_toml(model: str, choice: str = "auto") -> str | None:
+    """The job config the trainer rows start from (``--trainer-config``)."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    toml = os.path.splitext(model)[0] + ".toml"
+    return toml if os.path.isfile(toml) else None
+
+
 def job_args(model: str, seq: int, batch: int, steps: int, compile_on: bool, varlen: bool, tp: int,
-             dump_folder: str, log_freq: int = 10) -> list[str]:
-    """The trainer's overrides: the project's defaults plus an offline, checkpoint-free benchmark job."""
-    args = [
+             dump_folder: str, log_freq: int = 10, config_file: str | None = None) -> list[str]:
+    """The trainer's overrides: ``config_file`` (or the project's defaults) as an offline,
+    checkpoint-free benchmark job."""
+    args = ["--job.config_file", config_file] if config_file else []
+    args += [
         "--model.config", model, "--model.tokenizer", "bytes", "--training.dataset", "synthetic",
         "--training.seq_len", str(seq), "--training.local_batch_size", str(batch),
         "--training.steps", str(steps), "--checkpoint.no_enable", "--metrics.log_freq", str(log_freq),
@@ -153,13 +169,13 @@ def job_args(model: str, seq: int, batch: int, steps: int, compile_on: bool, var
         args.append("--training.varlen")
     if tp > 1:
         args += ["--parallelism.tensor_parallel_degree", str(tp)]
-    if _on_gpu():
-        # As configs/*_340M.toml: tokenize and pack in worker processes, pinned host batches.
-        args += ["--training.dataloader.num_workers", "2", "--training.dataloader.pin_memory"]
-    else:
+    if not _on_gpu():
         # fla's fused CPU backward does not re-enter autocast (bf16/fp32 mismatch), and bf16 buys
         # nothing on CPU: configs/debug.toml trains in fp32 there too.
         args += ["--training.mixed_precision_param", "float32"]
+    elif not config_file:
+        # As the shipped recipes do: tokenize and pack in worker processes, pinned host batches.
+        args += ["--training.dataloader.num_workers", "2", "--training.dataloader.pin_memory"]
     return args
 
 
@@ -180,7 +196,8 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dic
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as dump:
         jc = parse_job_config(job_args(model, seq, batch, args.warmup + args.steps, compile_on, args.varlen,
-                                       args.tp, dump, args.log_freq) + shlex.split(args.trainer_args))
+                                       args.tp, dump, args.log_freq, recipe_toml(model, args.trainer_config))
+                              + shlex.split(args.trainer_args))
         start = time.perf_counter()
         trainer = Trainer(jc)
         setup_s = time.perf_counter() - start
@@ -433,7 +450,7 @@ def table_row(row: dict) -> list[str]:
         return "—" if v is None else format(v, fmt)
 
     impl = row["impl"] + "".join(f" ({tag})" for tag, on in (
-        ("fsdp", row.get("fsdp")), ("varlen", row.get("varlen")), (f"tp {row['tp']}", row.get("tp", 1) > 1),
+        (os.path.basename(row.get("trainer_config") or ""), row.get("trainer_config")), ("fsdp", row.get("fsdp")), ("varlen", row.get("varlen")), (f"tp {row['tp']}", row.get("tp", 1) > 1),
         (row.get("trainer_args"), row.get("trainer_args"))) if on)
     if row.get("error"):
         error = row["error"] if row["error"].startswith("skipped") else f"failed: {row['error'][:80]}"
@@ -524,7 +541,8 @@ def main(argv=None) -> int:
                            "compile": compile_on,
                            "impl": impl, "varlen": impl == "trainer" and args.varlen and is_fla,
                            "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"],
-                           "trainer_args": args.trainer_args if impl == "trainer" else ""}
+                           "trainer_args": args.trainer_args if impl == "trainer" else "",
+                           "trainer_config": recipe_toml(model, args.trainer_config) if impl == "trainer" else None}
                     if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
                         row["error"] = f"skipped: --budget-s {args.budget_s:g} spent"
                     elif impl == "trainer" and args.varlen and not is_fla:

@@ -90,6 +90,31 @@ def test_bench_train_seq_sweep_keeps_tokens_per_batch():
         bench.parse_args(["--seq-sweep", "3000"])
 
 
+def test_trainer_rows_start_from_the_models_shipped_recipe(monkeypatch):
+    from recipe.config import parse_job_config
+
+    bench = load_script("bench_train")
+    monkeypatch.chdir(ROOT)
+    assert bench.recipe_toml("configs/gla_340M.json") == "configs/gla_340M.toml"
+    assert bench.recipe_toml("configs/gla_1B.json") is None  # no recipe shipped: the trainer's defaults
+    assert bench.recipe_toml("configs/gla_340M.json", "none") is None
+    jc = parse_job_config(bench.job_args("configs/gla_340M.json", 64, 2, 4, False, False, 1, "/tmp/x",
+                                         config_file=bench.recipe_toml("configs/gla_340M.json")))
+    assert jc.parallelism.fsdp_reshard_after_forward == "never"  # the recipe's, not torchtitan's default
+    assert (jc.training.dataset, jc.model.tokenizer, jc.training.steps) == ("synthetic", "bytes", 4)
+    assert not jc.checkpoint.enable
+    defaults = parse_job_config(bench.job_args("configs/gla_340M.json", 64, 2, 4, False, False, 1, "/tmp/x"))
+    assert defaults.parallelism.fsdp_reshard_after_forward == "default"
+    # On a GPU the recipe's precision and dataloader stand (fp32 is the CPU runs' setting only).
+    monkeypatch.setattr(bench, "_on_gpu", lambda: True)
+    gpu = parse_job_config(bench.job_args("configs/gla_340M.json", 64, 2, 4, False, False, 1, "/tmp/x",
+                                          config_file="configs/gla_340M.toml"))
+    assert gpu.training.mixed_precision_param == "bfloat16" and gpu.training.dataloader.num_workers == 4
+    gpu_defaults = parse_job_config(bench.job_args("configs/gla_340M.json", 64, 2, 4, False, False, 1, "/tmp/x"))
+    assert gpu_defaults.training.mixed_precision_param == "bfloat16"
+    assert gpu_defaults.training.dataloader.num_workers == 2 and gpu_defaults.training.dataloader.pin_memory
+
+
 def test_warm_kernels_is_a_no_op_on_cpu(capsys):
     warm = load_script("warm_kernels")
     assert warm.main(["--model", "configs/tiny/gla.json", "--seq-len", "64", "--batch", "2"]) == 0

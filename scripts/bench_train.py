@@ -450,7 +450,8 @@ def table_row(row: dict) -> list[str]:
         return "—" if v is None else format(v, fmt)
 
     impl = row["impl"] + "".join(f" ({tag})" for tag, on in (
-        (os.path.basename(row.get("trainer_config") or ""), row.get("trainer_config")), ("fsdp", row.get("fsdp")), ("varlen", row.get("varlen")), (f"tp {row['tp']}", row.get("tp", 1) > 1),
+        (os.path.basename(row.get("trainer_config") or ""), row.get("trainer_config")),
+        ("fsdp", row.get("fsdp")), ("varlen", row.get("varlen")), (f"tp {row['tp']}", row.get("tp", 1) > 1),
         (row.get("trainer_args"), row.get("trainer_args"))) if on)
     if row.get("error"):
         error = row["error"] if row["error"].startswith("skipped") else f"failed: {row['error'][:80]}"

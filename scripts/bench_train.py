@@ -188,7 +188,7 @@ def _on_gpu() -> bool:
 # --------------------------------------------------------------------------- the two implementations
 
 
-def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dict:
+def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args, config_file: str | None = None) -> dict:
     from torch.distributed.fsdp import FSDPModule
 
     from recipe.config import parse_job_config
@@ -196,7 +196,7 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args) -> dic
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as dump:
         jc = parse_job_config(job_args(model, seq, batch, args.warmup + args.steps, compile_on, args.varlen,
-                                       args.tp, dump, args.log_freq, recipe_toml(model, args.trainer_config))
+                                       args.tp, dump, args.log_freq, config_file)
                               + shlex.split(args.trainer_args))
         start = time.perf_counter()
         trainer = Trainer(jc)
@@ -555,7 +555,8 @@ def main(argv=None) -> int:
                         try:
                             if impl == "trainer":
                                 args_for_run = argparse.Namespace(**{**vars(args), "varlen": row["varlen"]})
-                                row.update(run_trainer(model, seq, batch, compile_on, args_for_run))
+                                row.update(run_trainer(model, seq, batch, compile_on, args_for_run,
+                                                       row["trainer_config"]))
                             else:
                                 row.update(run_bare(model, seq, batch, compile_on, BARE_PRECISION[impl], args))
                         except Exception as e:  # noqa: BLE001  (one failed run, e.g. OOM, must not end the sweep)

@@ -1,7 +1,8 @@
 """Latency of the rollout control channel: what one per-bucket message costs a receiver.
 
-The rollout export sends one control message per bucket on a gloo group (``send_obj`` /
-``recv_obj`` in ``recipe/rollout/vllm_worker.py``), posted by the trainer without waiting. This
+The rollout export's ``ipc`` transport sends one control message per bucket on a gloo group
+(``send_obj`` / ``recv_obj`` in ``recipe/rollout/vllm_worker.py``; ``nccl`` and ``gloo`` did too
+until protocol 5), posted by the trainer without waiting. This
 measures how long a receiver's ``recv_obj`` takes when the message is already posted ("posted
 ahead") and in lock step ("ping-pong"), next to a raw 8-byte gloo broadcast and a TCPStore
 ``get`` of a key that is already set (the path the start message takes). If posting ahead does not

@@ -15,11 +15,15 @@ engine's TP forward must reproduce the trainer's logits.
 
 A second table splits each export into phases (median over the repeats, milliseconds of host
 time). Trainer (sending rank): ``start`` (connect check + start message), ``buffer`` (waiting
-for a free bucket buffer: gloo/ipc on the host; nccl only queues a device-side wait), ``fill`` (gather + cast + pack launch), ``send`` (control message +
-data: the whole transfer for gloo, a launch for nccl, sync + ack for ipc), ``agree`` (trainer
-ranks agreeing on the outcome), ``finish`` (the receivers' final ack, which comes once the last bucket is loaded, then the sender's own broadcasts).
-Receiver (engine rank 0): ``start lag`` (trainer's start() to the receiver seeing it),
-``ctl wait`` (waiting for the trainer's next message), ``data`` (receiving: for nccl only the
+for a free bucket buffer: gloo/ipc on the host; nccl only queues a device-side wait), ``fill``
+(gather + cast + pack launch), ``send`` (data: the whole transfer for gloo, a launch for nccl;
+control message, sync + ack for ipc), ``agree`` (trainer ranks agreeing on the outcome),
+``finish`` (end message and the receivers' final ack, which comes once the last bucket is
+loaded, then the sender's own broadcasts). Receiver (engine rank 0): ``start lag`` (trainer's
+start() to the receiver seeing it), ``first bucket`` (the trainer's start() to the receiver's
+host seeing bucket 0's bytes; nccl/gloo), ``arrivals`` (nccl: *device* time from bucket 0's bytes
+to the last bucket's, i.e. the wire with any gaps between buckets), ``wait`` (waiting for the
+trainer: a bucket's bytes for nccl/gloo, the next control message for ipc), ``data`` (posting a receive: for nccl only the
 launch), ``load`` (``load_weights``), ``finish`` (final sync + ack). For nccl most device time
 surfaces in the trainer's ``finish`` and the receiver's ``finish``.
 
@@ -306,9 +310,9 @@ def main() -> None:
             breakdown.append(phase_row(f"| {transport} | {model} | {bucket:g} | {tg}/{eg} | {spread} ", r))
         print(line, flush=True)
     if breakdown:
-        print("\nPhases (median ms of host time; trainer = sending rank, receiver = engine rank 0):", flush=True)
+        print("\nPhases (median ms, host time except recv arrivals; trainer = sending rank, receiver = engine rank 0):", flush=True)
         cols = ["start", "buffer", "fill", "send", "agree", "finish"]
-        rcols = ["start_delay", "ctl_wait", "data", "load", "finish"]
+        rcols = ["start_delay", "first_bucket", "arrivals", "wait", "data", "load", "finish"]
         header = ("| transport | model | bucket MiB | GPUs | export ms (min-max) | " + " | ".join(cols) + " | "
                   + " | ".join(f"recv {c.replace('start_delay', 'start lag').replace('_', ' ')}" for c in rcols) + " |")
         print(header + "\n|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|", flush=True)
@@ -321,7 +325,7 @@ def phase_row(prefix: str, r: dict) -> str:
         return f"{1e3 * statistics.median(vals):.1f}" if vals else ""
 
     cols = ["start", "buffer", "fill", "send", "agree", "finish"]
-    rcols = ["start_delay", "ctl_wait", "data", "load", "finish"]
+    rcols = ["start_delay", "first_bucket", "arrivals", "wait", "data", "load", "finish"]
     return (prefix + "| " + " | ".join(med(r.get("phases", []), c) for c in cols) + " | "
             + " | ".join(med(r.get("engine_stats", []), c) for c in rcols) + " |")
 

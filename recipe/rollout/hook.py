@@ -129,7 +129,7 @@ class RolloutHook:
         error, sent = None, 0
         if sender:
             error = self._attempt(self.transport.init) or self._attempt(self.transport.start, version,
-                                                                        source.manifest())
+                                                                        source.buckets)
         lap("start")
         ok = self._agree(error is None)
         lap("agree")

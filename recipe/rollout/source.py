@@ -96,10 +96,6 @@ class WeightSource:
         self.total_bytes = sum(it.nbytes for it in self.items)
         self.max_bucket_bytes = max((b.nbytes for b in self.buckets), default=0)
 
-    def manifest(self) -> list[TensorMeta]:
-        """Every tensor of one version, in send order (vLLM's weight-transfer API wants this up front)."""
-        return [m for b in self.buckets for m in b.metas]
-
     def gather(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         p = self.params[name].detach()
         if p.dtype != dtype:

@@ -4,7 +4,7 @@ All share one small interface, used only on the sending rank (global rank 0):
 
     init()                 connect (idempotent; after a failure the hook calls close() and the
                            next init() starts a fresh connection)
-    start(version, manifest)
+    start(version, buckets) the version's bucket plan (index, nbytes, metas of each bucket)
     buffer(nbytes)         a flat uint8 buffer to pack the next bucket into
     send(bucket)
     finish(version)        raises unless every receiver applied the whole version
@@ -19,6 +19,7 @@ vLLM's native weight-transfer API instead (its NCCL engine and HTTP control rout
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import queue
@@ -35,13 +36,15 @@ from recipe.net import free_port
 from recipe.rollout.source import Bucket
 from recipe.rollout.vllm_worker import (
     PROTOCOL_VERSION,
-    TensorMeta,
     agree,
     ipc_handle,
     make_groups,
+    plan_to_wire,
     send_hello,
     send_obj,
     shutdown_group,
+    tag_bucket,
+    wire_nbytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ class Transport:
     def init(self) -> None:
         raise NotImplementedError
 
-    def start(self, version: int, manifest: list[TensorMeta]) -> None:
+    def start(self, version: int, buckets: list) -> None:
         raise NotImplementedError
 
     def buffer(self, nbytes: int) -> torch.Tensor:
@@ -91,13 +94,17 @@ def _probe(address: str, port: int) -> None:
 
 
 class GroupTransport(Transport):
-    """flare's protocol over groups built on the receivers' store; gloo moves data itself."""
+    """flare's protocol over groups built on the receivers' store; gloo moves data itself.
+
+    ``nccl`` and ``gloo`` send no control message per bucket (protocol 5): the start message
+    carries the bucket plan, each bucket ends in a trailer with the start number, and one ``end``
+    (or ``abort``) message follows the last bucket. ``ipc`` overrides the per-bucket part."""
 
     name = "gloo"
     backend = "gloo"
-    # Control messages posted but not yet taken by every receiver. Two match the two data buffers
-    # in rotation: the sender runs at most one bucket ahead of the receivers' host, and a receiver
-    # that died is noticed within two buckets, before more data is queued for it.
+    # Control messages posted but not yet taken by every receiver (ipc posts one per bucket). Two
+    # match the two data buffers in rotation: the sender runs at most one bucket ahead of the
+    # receivers' host, and a receiver that died is noticed within two buckets.
     max_pending_ctl = 2
 
     def __init__(self, cfg):
@@ -107,9 +114,12 @@ class GroupTransport(Transport):
         self.n_started = 0
         self.host_buffer: torch.Tensor | None = None
         self.pending_ctl: collections.deque = collections.deque()
-        # Tensors announced in the start message and sent since: receivers end the version on
-        # their own once the count is reached (protocol 4), and then wait in the final agree.
-        self.n_announced = self.n_sent = 0
+        self.buckets: list = []  # this version's plan (BucketPlan-like: index, nbytes, metas)
+        self.n_buckets_sent = 0
+        self.in_version = False  # receivers were told to expect self.buckets
+        self.broken = False  # a transfer op failed: the groups are not used again
+        self._plan_cache: tuple | None = None  # (plan object, its id, its wire form)
+        self.plan_sent: str | None = None  # id of the plan this connection's receivers hold
 
     def init(self) -> None:
         if self.ctl is not None:
@@ -134,7 +144,7 @@ class GroupTransport(Transport):
             self.close()
             raise TransportError(f"rendezvous with {self.world_size - 1} receiver rank(s) on "
                                  f"{cfg.engine_address}:{cfg.engine_port} failed: {e}") from e
-        self.n_started = 0
+        self.n_started, self.plan_sent, self.broken = 0, None, False
         logger.info(f"rollout: connected to {self.world_size - 1} receiver rank(s) over {self.name} "
                     f"(generation {gen}, {time.perf_counter() - t0:.1f}s)")
 
@@ -153,61 +163,96 @@ class GroupTransport(Transport):
         for work, _tensor in pending:
             work.wait()  # bounded by the group's timeout; raises if a receiver is gone
 
-    def start(self, version: int, manifest: list[TensorMeta]) -> None:
+    def _plan_fields(self, buckets: list) -> dict:
+        """The start message's plan: in full the first time this connection sees it, else its id."""
+        if self._plan_cache is None or self._plan_cache[0] is not buckets:  # the hook passes one list
+            wire = plan_to_wire((b.nbytes, b.metas) for b in buckets)
+            plan_id = hashlib.sha1(json.dumps(wire).encode()).hexdigest()[:16]
+            self._plan_cache = (buckets, plan_id, wire)
+        _, plan_id, wire = self._plan_cache
+        if plan_id == self.plan_sent:
+            return {"plan_id": plan_id}
+        self.plan_sent = plan_id
+        return {"plan_id": plan_id, "plan": wire}
+
+    def start(self, version: int, buckets: list) -> None:
         self.n_started += 1
+        self.buckets, self.n_buckets_sent = buckets, 0
         # Receivers idle on this key between versions, not in a collective (no timeout while
         # training); its value is the start message, so one store write wakes them and tells them
-        # the version. The first bucket is gathered while they wake up. "t": receivers report
-        # start() → start seen as stats["start_delay"].
-        msg = {"op": "start", "version": version, "n_tensors": len(manifest), "t": time.time()}
-        self.n_announced, self.n_sent = len(manifest), 0
+        # the version and its buckets. The first bucket is gathered while they wake up. "t":
+        # receivers report start() → start seen as stats["start_delay"].
+        msg = {"op": "start", "version": version, "n_tensors": sum(len(b.metas) for b in buckets),
+               "t": time.time(), **self._plan_fields(buckets)}
         self.store.set(f"{self.prefix}start{self.n_started}", json.dumps(msg))
+        self.in_version = True
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         # gloo's broadcast is synchronous (send() returns once every receiver has the bytes), so
         # one host buffer serves the whole export; a fresh one per bucket page-faulted on every fill.
-        if self.host_buffer is None or self.host_buffer.numel() < nbytes:
+        if self.host_buffer is None or self.host_buffer.numel() < wire_nbytes(nbytes):
             self.host_buffer = None
-            self.host_buffer = torch.empty(nbytes, dtype=torch.uint8)
+            self.host_buffer = torch.empty(wire_nbytes(nbytes), dtype=torch.uint8)
         return self.host_buffer
 
     def send(self, bucket: Bucket) -> None:
-        self._post(self._bucket_msg(bucket))
-        self._send_data(bucket)
-        self.n_sent += len(bucket.metas)
+        if bucket.index != self.n_buckets_sent or bucket.nbytes != self.buckets[bucket.index].nbytes:
+            raise TransportError(f"bucket {bucket.index} ({bucket.nbytes} bytes) sent out of plan: expected bucket "
+                                 f"{self.n_buckets_sent}")
+        self._send_tagged(bucket, self.n_started)
 
-    @property
-    def receivers_in_final_agree(self) -> bool:
-        return self.n_started > 0 and self.n_sent == self.n_announced
-
-    def _bucket_msg(self, bucket: Bucket) -> dict:
-        return {"op": "bucket", "index": bucket.index, "nbytes": bucket.nbytes,
-                "tensors": [m.to_wire() for m in bucket.metas]}
+    def _send_tagged(self, bucket: Bucket, tag: int) -> None:
+        tag_bucket(bucket.buffer, bucket.nbytes, tag)
+        try:
+            self._send_data(bucket)
+        except Exception:
+            self.broken = True
+            raise
+        self.n_buckets_sent += 1
 
     def _send_data(self, bucket: Bucket) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.data.broadcast([bucket.buffer[:bucket.nbytes]], opts).wait()
+        self.data.broadcast([bucket.buffer[:wire_nbytes(bucket.nbytes)]], opts).wait()
+
+    def _send_unfilled(self) -> None:
+        """The planned buckets not sent yet, tagged 0: receivers posted their receives from the
+        plan, so they must get every bucket; the tag tells them not to load it."""
+        for plan in self.buckets[self.n_buckets_sent:]:
+            self._send_tagged(Bucket(plan.index, plan.metas, self.buffer(plan.nbytes), plan.nbytes), 0)
+
+    def _end(self, msg: dict, ok: bool) -> bool:
+        """Complete the version's buckets, send ``msg`` (end/abort) and agree on the outcome."""
+        self.in_version = False
+        try:
+            self._send_unfilled()  # receivers posted every planned receive
+            self._post(msg)
+            ok = agree(self.ctl, ok)
+            self._drain_ctl()
+            return ok
+        except Exception:
+            self.broken = True
+            raise
+        finally:
+            self.host_buffer = None  # not held between exports
 
     def finish(self, version: int) -> None:
-        self.host_buffer = None  # not held between exports
-        self._drain_ctl()
-        if not self.receivers_in_final_agree:  # ended early: receivers wait for more buckets
-            send_obj(self.ctl, {"op": "finish", "version": version})
-        if not agree(self.ctl, True):
+        # "end" tells the receivers every bucket was filled (nccl receivers then stop checking
+        # trailers); a version ended early is aborted instead: its weights are incomplete.
+        complete = self.n_buckets_sent == len(self.buckets)
+        msg = {"op": "end"} if complete else {"op": "abort", "reason": "the trainer ended the version early"}
+        if not self._end(msg, complete):
             raise TransportError(f"a receiver rejected version {version} (see the receiver's log)")
 
     def abort(self, reason: str) -> None:
-        """Tell receivers to drop the partial version, if the control group still works."""
-        if self.ctl is not None:
+        """Drop the partial version: receivers get the rest of the plan unfilled, load none of it,
+        and reject the version with us. Skipped when the groups are broken (close() follows)."""
+        if self.ctl is not None and self.in_version and not self.broken:
             try:
-                if self.receivers_in_final_agree:  # every bucket went out: reject in the final agree
-                    self._drain_ctl()
-                    agree(self.ctl, False)
-                else:
-                    send_obj(self.ctl, {"op": "abort", "reason": reason})
-            except Exception:  # noqa: BLE001 - the group is already broken; close() follows
+                self._end({"op": "abort", "reason": reason[:1000]}, False)
+            except Exception:  # noqa: BLE001 - the group is broken; close() follows
                 pass
+        self.in_version = False
 
     def close(self, notify: bool = False) -> None:
         if notify and self.ctl is not None:
@@ -223,6 +268,7 @@ class GroupTransport(Transport):
         self.ctl = self.data = self.store = None
         self.host_buffer = None
         self.pending_ctl.clear()
+        self.in_version, self.plan_sent = False, None
 
 
 class NcclTransport(GroupTransport):
@@ -249,8 +295,8 @@ class NcclTransport(GroupTransport):
         work, self.works[i] = self.works[i], None
         if work is not None:
             work.wait()  # device-side: the fill into slot i is queued after its previous broadcast
-        if self.slots[i] is None or self.slots[i].numel() < nbytes:
-            self.slots[i] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        if self.slots[i] is None or self.slots[i].numel() < wire_nbytes(nbytes):
+            self.slots[i] = torch.empty(wire_nbytes(nbytes), dtype=torch.uint8, device="cuda")
         return self.slots[i]
 
     def _wait_host(self, works: list) -> None:
@@ -266,20 +312,22 @@ class NcclTransport(GroupTransport):
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         # Async: ProcessGroupNCCL orders the broadcast after the packing copies on this stream.
-        work = self.data.broadcast([bucket.buffer[:bucket.nbytes]], opts)
+        work = self.data.broadcast([bucket.buffer[:wire_nbytes(bucket.nbytes)]], opts)
         slot = next(i for i, s in enumerate(self.slots) if s is not None and s.data_ptr() == bucket.buffer.data_ptr())
         self.works[slot] = work
 
-    def finish(self, version: int) -> None:
+    def _end(self, msg: dict, ok: bool) -> bool:
         # The receivers acknowledge after their last bucket arrived, so once the final agree is
         # through the broadcasts are done too; waiting for them first put a host poll and a
-        # sequential round trip on the export's critical path.
-        works, self.works = [w for w in self.works if w is not None], [None, None]
+        # sequential round trip on the export's critical path. After a failure nothing waits for
+        # them: close() aborts the communicator.
         try:
-            super().finish(version)
-        finally:
+            ok = super()._end(msg, ok)
+            works, self.works = [w for w in self.works if w is not None], [None, None]
             self._wait_host(works)
-            self.slots = [None, None]  # back to the allocator for training; not held between exports
+            return ok
+        finally:
+            self.slots, self.works = [None, None], [None, None]  # back to the allocator for training
 
     def close(self, notify: bool = False) -> None:
         super().close(notify)
@@ -288,9 +336,9 @@ class NcclTransport(GroupTransport):
 
 class IpcTransport(GroupTransport):
     """Colocated engine: buckets stay in the trainer's GPU memory and receivers map them through
-    CUDA IPC handles. Each bucket is acknowledged after the receivers copied it; a buffer is
-    refilled only after the ack of the bucket that used it (two buffers in rotation, so the
-    receivers load bucket k while the trainer gathers bucket k+1)."""
+    CUDA IPC handles, one control message per bucket. Each bucket is acknowledged after the
+    receivers copied it; a buffer is refilled only after the ack of the bucket that used it (two
+    buffers in rotation, so the receivers load bucket k while the trainer gathers bucket k+1)."""
 
     name = "ipc"
     backend = "ipc"
@@ -300,6 +348,16 @@ class IpcTransport(GroupTransport):
         self.slots: list[torch.Tensor | None] = [None, None]
         self.turn = 0
         self.unacked = False
+        # Tensors announced in the start message and sent since: receivers end the version on
+        # their own once the count is reached (protocol 4), and then wait in the final agree.
+        self.n_announced = self.n_sent = 0
+
+    def _plan_fields(self, buckets: list) -> dict:
+        return {}  # each bucket's message carries its tensors
+
+    def start(self, version: int, buckets: list) -> None:
+        super().start(version, buckets)
+        self.n_announced, self.n_sent = sum(len(b.metas) for b in buckets), 0
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         i = self.turn
@@ -320,27 +378,39 @@ class IpcTransport(GroupTransport):
     def send(self, bucket: Bucket) -> None:
         torch.cuda.current_stream().synchronize()  # packed bytes visible to the other process
         self._collect_ack()  # receivers are done with bucket k-1: its buffer may be refilled next
-        msg = self._bucket_msg(bucket)
-        msg["ipc"] = ipc_handle(bucket.buffer)
-        self._post(msg)
+        self._post({"op": "bucket", "index": bucket.index, "nbytes": bucket.nbytes,
+                    "tensors": [m.to_wire() for m in bucket.metas], "ipc": ipc_handle(bucket.buffer)})
         self.unacked = True
         self.n_sent += len(bucket.metas)
 
-    def _send_data(self, bucket: Bucket) -> None:  # the handle is the data
-        pass
+    @property
+    def receivers_in_final_agree(self) -> bool:
+        return self.n_started > 0 and self.n_sent == self.n_announced
 
     def finish(self, version: int) -> None:
-        self._collect_ack()
-        super().finish(version)
-        self._release()
+        self.in_version = False
+        try:
+            self._collect_ack()
+            self._drain_ctl()
+            if not self.receivers_in_final_agree:  # ended early: receivers wait for more buckets
+                send_obj(self.ctl, {"op": "finish", "version": version})
+            if not agree(self.ctl, True):
+                raise TransportError(f"a receiver rejected version {version} (see the receiver's log)")
+        finally:
+            self._release()
 
     def abort(self, reason: str) -> None:
-        if self.ctl is not None and self.receivers_in_final_agree:
+        if self.ctl is not None:
             try:
-                self._collect_ack()  # the last bucket's ack comes before the final agree
+                if self.receivers_in_final_agree:  # every bucket went out: reject in the final agree
+                    self._collect_ack()  # the last bucket's ack comes before the final agree
+                    self._drain_ctl()
+                    agree(self.ctl, False)
+                else:
+                    send_obj(self.ctl, {"op": "abort", "reason": reason[:1000]})
             except Exception:  # noqa: BLE001 - the group is broken; close() follows
                 pass
-        super().abort(reason)
+        self.in_version = False
 
     def _release(self) -> None:
         self.slots = [None, None]
@@ -459,8 +529,9 @@ class VLLMTransport(Transport):
                 errors.append(e)
         return run
 
-    def start(self, version: int, manifest: list[TensorMeta]) -> None:
+    def start(self, version: int, buckets: list) -> None:
         engine, args_cls = _import_vllm_nccl()
+        manifest = [m for b in buckets for m in b.metas]
         if self.cfg.placement == "colocated":
             self.client.wake_up(["weights"])
         self.client.start_weight_update()

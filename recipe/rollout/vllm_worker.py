@@ -16,14 +16,24 @@ Protocol (transfer group: the trainer's sending rank is rank 0, receivers are ra
   blocking ``TCPStore.wait`` on a helper thread), not inside a collective, so a long training
   interval never trips a collective timeout. The key's value is the ``start`` message (or
   ``close`` when the trainer ends).
-* The version's other control messages are JSON broadcast from rank 0 on a gloo group (CPU, with
-  timeouts), one fixed-size frame each (``send_obj``; the ``hello`` keeps version 1's framing):
-  ``bucket``* until the start message's tensor count has arrived (a sender that ends early sends
-  ``finish``), or ``abort``. JSON, not pickle: a receiver must not execute what arrives on a socket.
-* A bucket is one flat ``uint8`` buffer plus its metadata list (name, dtype, shape, offset, nbytes),
-  the metadata sent first. Data goes over the gloo group (``gloo``), a separate NCCL group
-  (``nccl``), or as a CUDA IPC handle of the trainer's buffer (``ipc``), acknowledged per bucket so
-  the trainer never overwrites a buffer a receiver is still reading.
+* ``nccl`` and ``gloo`` (protocol 5): the start message carries the version's bucket plan (each
+  bucket's size and tensor list: name, dtype, shape, offset, nbytes), once per connection, and
+  later starts name it by id. Receivers post every bucket's receive from the plan; no control
+  message travels per bucket. A bucket is one flat ``uint8`` broadcast: the packed tensors, then an
+  8-byte trailer holding the version's start number. A sender that fails mid-version still sends
+  the remaining planned buckets, unfilled and with a 0 trailer, so every posted receive completes,
+  and a receiver loads a bucket only once its bytes are in and the trailer matches. After the last
+  bucket is queued the sender broadcasts an ``end`` message (every bucket was filled) or ``abort``
+  on the gloo control group. With ``nccl`` the receivers post its receive at the start: once an
+  ``end`` is in, they queue the remaining loads behind the bytes without waiting for them, and a
+  trainer that dies mid-version fails the receive at once instead of leaving them in an NCCL wait
+  until the timeout.
+* ``ipc``: the per-bucket control message carries the bucket's tensor list and a CUDA IPC handle
+  of the trainer's buffer, and each bucket is acknowledged (an all-reduce) so the trainer never
+  overwrites a buffer a receiver is still reading; ``finish`` when a sender ends early, ``abort``.
+  Control messages are JSON broadcast from rank 0 on a gloo group (CPU, with timeouts), one
+  fixed-size frame each (``send_obj``; the ``hello`` keeps version 1's framing). JSON, not pickle:
+  a receiver must not execute what arrives on a socket.
 * A version ends with an all-reduce(MIN) of every rank's status: it counts as applied only if
   every receiver applied every bucket.
 """
@@ -47,11 +57,14 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 4  # 2: one-broadcast message frames (the hello keeps version 1's framing); 3: the start
+PROTOCOL_VERSION = 5  # 2: one-broadcast message frames (the hello keeps version 1's framing); 3: the start
 # (or close) message is the value of the store key receivers idle on, not a control-group message;
-# 4: a version ends when the start message's tensor count has arrived (no 'finish' round trip)
+# 4: a version ends when the start message's tensor count has arrived (no 'finish' round trip);
+# 5: nccl/gloo buckets follow a plan sent in the start message, tagged by a trailer, no per-bucket messages
 ALIGN = 64  # byte alignment of tensors in a bucket: any dtype view of a slice is legal
+TRAILER = 8  # bytes after a bucket's data on the wire (nccl/gloo): the start number it was filled for
 _POLL_S = 0.05
+_SPIN_S = 2e-5  # host poll period while a receiver waits for a bucket's bytes
 
 _DTYPES = {
     name: getattr(torch, name)
@@ -95,6 +108,28 @@ class TensorMeta:
         return cls(name, dtype, tuple(shape), int(offset), int(nbytes))
 
 
+def wire_nbytes(nbytes: int) -> int:
+    """Bytes a bucket of ``nbytes`` of tensors occupies on the wire: data, padding, trailer."""
+    return align(nbytes) + TRAILER
+
+
+def tag_bucket(buffer: torch.Tensor, nbytes: int, tag: int) -> None:
+    """Write the trailer: the start number the bucket was filled for (0: not filled, do not load)."""
+    buffer[align(nbytes):align(nbytes) + TRAILER].view(torch.int64).fill_(tag)
+
+
+def read_tag(buffer: torch.Tensor, nbytes: int) -> int:
+    return int(buffer[align(nbytes):align(nbytes) + TRAILER].view(torch.int64).item())
+
+
+def plan_to_wire(buckets: Iterable[tuple[int, list["TensorMeta"]]]) -> list:
+    return [[nbytes, [m.to_wire() for m in metas]] for nbytes, metas in buckets]
+
+
+def plan_from_wire(wire: list) -> list[tuple[int, list["TensorMeta"]]]:
+    return [(int(nbytes), [TensorMeta.from_wire(t) for t in tensors]) for nbytes, tensors in wire]
+
+
 def unpack(buffer: torch.Tensor, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
     """Views of the tensors packed in ``buffer`` (no copy): what ``load_weights`` receives."""
     for m in metas:
@@ -135,6 +170,21 @@ def send_obj(pg, obj: dict, async_op: bool = False) -> list | None:
     if len(data) > _FRAME - 8:
         pending.append(_bcast(pg, torch.frombuffer(bytearray(data[_FRAME - 8:]), dtype=torch.uint8), async_op))
     return pending if async_op else None
+
+
+def post_recv_obj(pg) -> tuple:
+    """Post the receive of a one-frame control message now; ``take_obj`` waits for it."""
+    return _bcast(pg, torch.empty(_FRAME, dtype=torch.uint8), async_op=True)
+
+
+def take_obj(posted: tuple) -> dict:
+    work, frame = posted
+    work.wait()
+    raw = frame.numpy().tobytes()
+    n = int.from_bytes(raw[:8], "little")
+    if n > _FRAME - 8:
+        raise RuntimeError(f"protocol error: a {n}-byte message where one frame was expected")
+    return json.loads(raw[8:8 + n])
 
 
 def recv_obj(pg) -> dict:
@@ -314,6 +364,10 @@ class ReceiverEndpoint:
         self._ipc_mapped: dict[str, torch.Tensor] = {}
         self.ctl = self.data = None
         self.n_started = 0
+        self._plans: dict = {}
+        self._arrivals: list = []  # CUDA timing events, one per bucket of the current version
+        self._start_msg: dict = {}
+        self._end_msg: dict | None = None  # the trainer's end/abort message, once it has arrived
         self.version: int | None = None  # last completely applied version
         self.dirty = False  # a version was partially applied and not completed
 
@@ -344,6 +398,7 @@ class ReceiverEndpoint:
                 return False
             time.sleep(_POLL_S)
         self.gen, self.n_started = gen, 0
+        self._plans = {}  # bucket plans by id, sent once per connection
         prefix = f"flare/g{gen}/"
         try:
             self.ctl, self.data = make_groups(self.store, prefix, self.rank, self.world_size, self.backend,
@@ -504,62 +559,108 @@ class ReceiverEndpoint:
         if msg["op"] != "start":
             raise RuntimeError(f"protocol error: expected 'start', got '{msg['op']}'")
         version = int(msg["version"])
+        plan = None if self.backend == "ipc" else self._plan(msg)
+        self._start_msg = msg
         self.dirty = True
         error = None
-        # ctl_wait: waiting for the trainer's next message; data: receiving a bucket (host time:
-        # for NCCL only the launch); load: load_weights; finish: final sync + ack
-        stats = self.stats = dict.fromkeys(("ctl_wait", "data", "load", "finish"), 0.0)
+        # wait: waiting for the trainer (a control message, or a bucket's bytes); data: posting a
+        # bucket's receive (host time: for NCCL only the launch); load: load_weights; finish:
+        # final sync + ack
+        stats = self.stats = dict.fromkeys(("wait", "data", "load", "finish"), 0.0)
         stats["start_delay"] = time.time() - msg["t"] if "t" in msg else 0.0  # trainer's start() to here
         try:
             if start is not None:
                 start(version)
         except Exception as e:  # noqa: BLE001 - report through the final status, stay in step
             error = e
-        # Bucket k is loaded only after the receive of bucket k+1 is posted: its load_weights
-        # (host time: one copy launch per tensor) then runs while k+1 is on the wire. The version
-        # is complete once the start message's tensor count has arrived: the last bucket is loaded
-        # at once and acknowledged without waiting for a 'finish' message (protocol 4; a sender
-        # that ends a version early sends 'finish' itself, and the missing weights reject it).
-        received = None  # the bucket whose bytes are in (or arriving), not loaded yet
-        n_tensors, n_seen = int(msg.get("n_tensors", -1)), 0
-        try:
-            while n_seen != n_tensors:
-                t0 = time.perf_counter()
-                msg = recv_obj(self.ctl)
-                stats["ctl_wait"] += time.perf_counter() - t0
-                op = msg["op"]
-                if op == "bucket":
-                    n_seen += len(msg["tensors"])
-                    if self.backend == "ipc":
-                        error = self._receive_ipc_bucket(msg, load_weights, error)
-                        continue
-                    arriving = self._receive_bucket(msg)
-                    error = self._load(received, load_weights, error)
-                    received = arriving
-                elif op == "finish":
-                    break
-                elif op == "abort":
-                    received = None  # an incomplete version is never loaded further
-                    self._release_buffers()
-                    self._unmap()
-                    raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
-                else:  # "close" comes as a start key's value (protocol 3), never mid-version
-                    raise RuntimeError(f"protocol error: unexpected message '{op}'")
-            error = self._load(received, load_weights, error)
-            received = None
-            return self._complete(version, error, finish)
-        finally:
-            if received is not None and self.device.type == "cuda":
-                # A failed version: the pending receive may still write into its buffer.
-                torch.cuda.current_stream(self.device).synchronize()
+        if plan is None:
+            return self._receive_ipc_version(version, int(msg.get("n_tensors", -1)), load_weights, error, finish)
+        return self._receive_planned_version(version, plan, load_weights, error, finish)
 
-    def _complete(self, version: int, error, finish) -> int | None:
-        """Wait for the loads, check the version (``finish``), and agree with every rank on it."""
+    def _plan(self, msg: dict) -> list[tuple[int, list[TensorMeta]]]:
+        """The bucket plan a start message names; the trainer sends it once per connection."""
+        plan_id = msg.get("plan_id")
+        if "plan" in msg:
+            self._plans = {plan_id: plan_from_wire(msg["plan"])}
+        try:
+            return self._plans[plan_id]
+        except KeyError:
+            raise RuntimeError(f"protocol error: the start message names bucket plan {plan_id!r}, "
+                               "which this connection never sent") from None
+
+    def _receive_planned_version(self, version: int, plan, load_weights, error, finish) -> int | None:
+        """nccl/gloo: post every bucket's receive from the plan, no control message per bucket.
+        Bucket k is loaded after the receive of k+1 is posted: its ``load_weights`` (host time:
+        one copy launch per tensor) runs while k+1 is on the wire. A bucket is loaded once its
+        bytes are in and its trailer names this version, or, with nccl, without waiting once the
+        trainer's end message is in: it says every bucket was filled, so the loads of the rest
+        (the last bucket's above all) are queued behind their bytes while they are on the wire."""
+        tag = self.n_started
+        self._arrivals, self._end_msg = [], None
+        # The end message comes on the gloo control group after the last bucket is queued. With
+        # nccl, data travels elsewhere, so its receive is posted now: it usually arrives while
+        # buckets are still on the wire, and if the trainer dies mid-version this receive fails at
+        # once (closed socket); the wait for a bucket's bytes checks both.
+        end = post_recv_obj(self.ctl) if self.ctl is not self.data else None
+        received = None  # the bucket whose bytes are in (or arriving), not loaded yet
+        for index, (nbytes, metas) in enumerate(plan):
+            arriving = self._receive_bucket(index, nbytes, metas)
+            error = self._load(received, load_weights, error, tag, end)
+            received = arriving
+        error = self._load(received, load_weights, error, tag, end)
         t0 = time.perf_counter()
+        msg = self._end_msg or (take_obj(end) if end is not None else recv_obj(self.ctl))
+        self.stats["wait"] += time.perf_counter() - t0
+        if msg.get("op") == "abort":
+            self._sync_loads()
+            self._release_buffers()
+            agree(self.ctl, False)
+            raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
+        if msg.get("op") != "end":
+            raise RuntimeError(f"protocol error: expected 'end' after the last bucket, got '{msg.get('op')}'")
+        return self._complete(version, error, finish)
+
+    def _early_end(self, end) -> dict | None:
+        """The trainer's end (or abort) message, if it has arrived (nccl only)."""
+        if self._end_msg is None and end is not None and end[0].is_completed():
+            self._end_msg = take_obj(end)  # raises if the trainer is gone
+        return self._end_msg
+
+    def _receive_ipc_version(self, version: int, n_tensors: int, load_weights, error, finish) -> int | None:
+        """ipc: one control message per bucket (its tensors and IPC handle), acknowledged after
+        the load. The version is complete once the start message's tensor count has arrived; a
+        sender that ends early sends 'finish' (the missing weights then reject the version)."""
+        n_seen = 0
+        while n_seen != n_tensors:
+            t0 = time.perf_counter()
+            msg = recv_obj(self.ctl)
+            self.stats["wait"] += time.perf_counter() - t0
+            op = msg["op"]
+            if op == "bucket":
+                n_seen += len(msg["tensors"])
+                error = self._receive_ipc_bucket(msg, load_weights, error)
+            elif op == "finish":
+                break
+            elif op == "abort":
+                self._unmap()
+                raise TransferAborted(f"trainer aborted version {version}: {msg.get('reason', '')}")
+            else:  # "close" comes as a start key's value (protocol 3), never mid-version
+                raise RuntimeError(f"protocol error: unexpected message '{op}'")
+        return self._complete(version, error, finish)
+
+    def _sync_loads(self) -> None:
         if self.device.type == "cuda":  # the copies into the weights are done before we ack
             if self._load_stream is not None:
                 self._load_stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
+
+    def _complete(self, version: int, error, finish) -> int | None:
+        """Wait for the loads, check the version (``finish``), and agree with every rank on it."""
+        t0 = time.perf_counter()
+        self._sync_loads()
+        if len(self._arrivals) > 1:  # device time from the first bucket's bytes to the last's
+            self.stats["arrivals"] = self._arrivals[0].elapsed_time(self._arrivals[-1]) / 1e3
+        self._arrivals = []
         self._release_buffers()
         self._unmap()  # before the ack: the producer frees its buffers right after it
         if error is None and finish is not None:
@@ -599,23 +700,54 @@ class ReceiverEndpoint:
         stats["load"] += time.perf_counter() - t1
         return error
 
-    def _receive_bucket(self, msg: dict) -> tuple:
-        """Post the receive of one bucket (always, even after an error, to stay in step with the
-        sender); returns what ``_load`` needs once the bytes are in."""
-        metas = [TensorMeta.from_wire(t) for t in msg["tensors"]]
+    def _receive_bucket(self, index: int, nbytes: int, metas: list[TensorMeta]) -> tuple:
+        """Post the receive of one planned bucket (always, even after an error, to stay in step
+        with the sender); returns what ``_load`` needs once the bytes are in."""
         t0 = time.perf_counter()
-        slot, buffer = self._buffer(int(msg["nbytes"]))
+        slot, buffer = self._buffer(wire_nbytes(nbytes))
         _bcast(self.data, buffer)  # NCCL: the current stream now waits for the bytes (host returns)
-        arrived = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+        arrived = None
+        if self.device.type == "cuda":
+            arrived = torch.cuda.Event(enable_timing=True)  # also times the arrivals (see _complete)
+            torch.cuda.current_stream(self.device).record_event(arrived)
+            self._arrivals.append(arrived)
         self.stats["data"] += time.perf_counter() - t0
-        return slot, buffer, metas, arrived
+        return index, slot, buffer, nbytes, metas, arrived
 
-    def _load(self, received: tuple | None, load_weights, error):
-        """``load_weights`` on a received bucket (skipped after an error in this version)."""
+    def _tag_of(self, buffer: torch.Tensor, nbytes: int, arrived, end) -> int | None:
+        """Wait (on the host, bounded) until a bucket's bytes are in; its trailer. None: the
+        trainer's end message came first (nccl), there is nothing to check."""
+        if arrived is None:  # gloo: the broadcast returned with the bytes
+            return read_tag(buffer, nbytes)
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not arrived.query():
+            if self._early_end(end) is not None:
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no bucket from the trainer within {self.timeout.total_seconds():.0f}s")
+            time.sleep(_SPIN_S)
+        # Read on the load stream: the current stream already waits for the next bucket.
+        with torch.cuda.stream(self._load_stream):
+            return read_tag(buffer, nbytes)
+
+    def _load(self, received: tuple | None, load_weights, error, tag: int, end):
+        """``load_weights`` on a received bucket that was filled for this version (skipped after
+        an error in this version: the remaining buckets are only received, to stay in step)."""
         if received is None or error is not None:
             return error
-        slot, buffer, metas, arrived = received
+        index, slot, buffer, nbytes, metas, arrived = received
         t0 = time.perf_counter()
+        sent_for = None if self._early_end(end) is not None else self._tag_of(buffer, nbytes, arrived, end)
+        t1 = time.perf_counter()
+        self.stats["wait"] += t1 - t0
+        if index == 0 and sent_for is not None and "t" in self._start_msg:  # trainer's start() to bucket 0's bytes
+            self.stats["first_bucket"] = time.time() - self._start_msg["t"]
+        if self._end_msg is not None and self._end_msg.get("op") != "end":
+            return RuntimeError(f"the trainer aborted the version before bucket {index}")
+        if sent_for is not None and sent_for != tag:
+            return RuntimeError(f"bucket {index} arrived unfilled (trailer {sent_for}, expected {tag}): the trainer "
+                                "failed mid-version")
+        buffer = buffer[:nbytes]
         try:
             if self.device.type == "cuda":
                 # Load on a side stream, after this bucket's bytes and nothing later (the current
@@ -632,7 +764,7 @@ class ReceiverEndpoint:
                 load_weights(list(unpack(buffer, metas)))
         except Exception as e:  # noqa: BLE001
             error = e
-        self.stats["load"] += time.perf_counter() - t0
+        self.stats["load"] += time.perf_counter() - t1
         return error
 
     def _buffer(self, nbytes: int) -> tuple[int, torch.Tensor]:

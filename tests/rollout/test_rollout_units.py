@@ -3,6 +3,8 @@ planning and packing, the reference engine's load_weights contract and TP forwar
 protocol over real gloo groups on threads, and the vLLM transport against a fake vLLM."""
 
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +24,7 @@ from recipe.rollout.source import WeightSource, plan_buckets
 from recipe.rollout.transports import GroupTransport, TransportError, VLLMTransport
 from recipe.rollout.vllm_worker import ALIGN, ReceiverEndpoint, TrainerClosed, unpack
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLA_FAMILIES = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2"]
 
 
@@ -278,7 +281,7 @@ def send_buckets(transport, source, version, plans) -> None:
     from recipe.rollout.source import Bucket
 
     transport.init()
-    transport.start(version, source.manifest())
+    transport.start(version, source.buckets)
     for plan in plans:
         buf = transport.buffer(plan.nbytes)
         source.fill(plan, buf)
@@ -337,9 +340,9 @@ def test_a_failure_after_the_last_bucket_rejects_the_version_without_a_hang():
 
 def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucket_at_once():
     """Bucket k is loaded after the receive of k+1 is posted (its load overlaps the transfer of
-    k+1 on GPUs); the last bucket is loaded as soon as it is posted, and the version is
-    acknowledged without a 'finish' message. A load that fails rejects the version; the next one
-    on the same connection is applied whole."""
+    k+1 on GPUs); the last bucket is loaded as soon as it arrives, before the trainer's end
+    message. A load that fails rejects the version; the next one on the same connection is
+    applied whole."""
     cfg = tiny("llama")
     model = materialized(cfg)
     port = free_port()
@@ -348,9 +351,9 @@ def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucke
     events, fail_in = [], {1: 1}  # version -> bucket index whose load raises
     post = endpoint._receive_bucket
 
-    def spy_post(msg):
-        events.append(("post", msg["index"]))
-        return post(msg)
+    def spy_post(index, nbytes, metas):
+        events.append(("post", index))
+        return post(index, nbytes, metas)
 
     endpoint._receive_bucket = spy_post
     bucket_of = {}
@@ -402,6 +405,122 @@ def test_receiver_posts_the_next_receive_before_loading_and_loads_the_last_bucke
     ref = model(input_ids=probe_batch(cfg.vocab_size)).logits
     assert torch.equal(engine.logits(probe_batch(cfg.vocab_size)), ref)
     endpoint.close()
+
+
+def test_a_trainer_failing_mid_version_sends_the_rest_unfilled_and_receivers_load_none_of_it():
+    """Receivers post every planned receive up front (no control message per bucket), so a
+    sender that fails after bucket k must still send the rest; their trailer (0, not this
+    version's start number) keeps the receivers from loading those bytes. The version is
+    rejected and the next one on the same connection is applied whole."""
+    cfg = tiny("llama")
+    model = materialized(cfg)
+    port = free_port()
+    engine = LlamaTPEngine(cfg, torch.float32)
+    endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, timeout_s=20)
+    loaded, aborted = [], []
+
+    def load(weights):
+        weights = list(weights)
+        loaded.append(weights[0][0])
+        engine.load_weights(weights)
+
+    server, applied = serve_in_thread(endpoint, load, start=lambda v: engine.coverage.reset(),
+                                      finish=lambda v: engine.coverage.check(), abort=aborted.append)
+    transport = GroupTransport(Cfg(engine_port=port))
+    source = WeightSource(model, get_export_adapter(cfg, torch.float32), 1 << 17)
+    assert len(source.buckets) >= 4
+    first = [plan.metas[0].name for plan in source.buckets]
+
+    send_buckets(transport, source, 1, source.buckets[:2])
+    transport.abort("a trainer rank failed in bucket 2")  # buckets 2.. go out unfilled
+    deadline = time.monotonic() + 10
+    while not aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loaded == first[:2] and aborted and endpoint.dirty
+    loaded.clear()
+    send_buckets(transport, source, 2, source.buckets)
+    transport.finish(2)
+    transport.close(notify=True)
+    server.join(20)
+    assert loaded == first and applied == [2] and not endpoint.dirty
+    assert torch.equal(engine.logits(probe_batch(cfg.vocab_size)), model(input_ids=probe_batch(cfg.vocab_size)).logits)
+    endpoint.close()
+
+
+def test_the_bucket_plan_travels_once_per_connection():
+    cfg, model, engine, endpoint, server, applied, transport, source = checked_receiver()
+    starts = []
+    for version in (1, 2):
+        send_buckets(transport, source, version, source.buckets)
+        transport.finish(version)
+        starts.append(json.loads(transport.store.get(f"{transport.prefix}start{version}")))
+    transport.close()  # a new connection: its receivers are sent the plan again
+    send_buckets(transport, source, 3, source.buckets)
+    transport.finish(3)
+    starts.append(json.loads(transport.store.get(f"{transport.prefix}start1")))
+    transport.close(notify=True)
+    server.join(20)
+    assert applied == [1, 2, 3] and not endpoint.dirty
+    assert ["plan" in s for s in starts] == [True, False, True]
+    assert len({s["plan_id"] for s in starts}) == 1
+    assert len(starts[0]["plan"]) == len(source.buckets)
+    endpoint.close()
+
+
+@pytest.mark.parametrize("transport", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="nccl needs 2 CUDA GPUs (one per process)"))])
+def test_a_trainer_that_dies_or_fails_mid_version_over_separate_processes(transport):
+    """A trainer process that dies after two buckets: the receiver gives the version up at once,
+    not after its 60 s timeout (with nccl its buckets' receives are all posted and would wait for
+    the timeout, but the end message's receive, posted on the gloo group, fails when the socket
+    closes). One that fails before bucket 2 and aborts: the receiver loads buckets 0-1 only
+    (the rest arrive unfilled). Then the next trainer's version is applied whole, bit for bit."""
+    from tests.rollout.export_trainer import tiny_llama_source
+
+    port = free_port()
+    device = "cuda:1" if transport == "nccl" else "cpu"
+    if transport == "nccl":
+        torch.cuda.set_device(1)
+    endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, backend=transport, timeout_s=60, device=device)
+    got, gave_up = {}, []
+    server, applied = serve_in_thread(endpoint, lambda ws: got.update({n: w.cpu().clone() for n, w in ws}),
+                                      start=lambda v: got.clear(), abort=lambda v: gave_up.append(time.monotonic()))
+
+    def trainer(version, *extra):
+        return subprocess.run([sys.executable, "-m", "tests.rollout.export_trainer", "--transport", transport,
+                               "--port", str(port), "--version", str(version), *extra], cwd=ROOT, timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
+
+    def wait_gave_up(n):
+        deadline = time.monotonic() + 30
+        while len(gave_up) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(gave_up) == n and endpoint.dirty
+        return gave_up[-1]
+
+    source = tiny_llama_source()
+    first_two = {m.name for plan in source.buckets[:2] for m in plan.metas}
+    try:
+        assert trainer(1, "--die_before", "2").returncode == 3
+        exited = time.monotonic()
+        assert wait_gave_up(1) - exited < 10
+        assert set(got) <= first_two
+        assert trainer(2, "--abort_before", "2").returncode == 4
+        wait_gave_up(2)
+        assert set(got) == first_two
+        assert trainer(3).returncode == 0
+        server.join(30)
+    finally:
+        endpoint.close()
+        if transport == "nccl":
+            torch.cuda.set_device(0)
+    assert applied == [3] and not endpoint.dirty
+    for plan in source.buckets:
+        buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+        source.fill(plan, buf)
+        for name, want in unpack(buf, plan.metas):
+            assert torch.equal(got.pop(name), want), name
+    assert not got
 
 
 def test_control_messages_round_trip_in_one_frame_or_with_a_tail():
@@ -527,7 +646,7 @@ def test_vllm_transport_drives_the_four_phase_api(monkeypatch):
     source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 18)
     transport = VLLMTransport(Cfg(engine_world_size=2), client=client)
     transport.init()
-    transport.start(7, source.manifest())
+    transport.start(7, source.buckets)
     from recipe.rollout.source import Bucket
     for plan in source.buckets:
         buf = transport.buffer(plan.nbytes)

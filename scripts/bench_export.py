@@ -58,6 +58,9 @@ MODELS = {  # Llama shapes: hidden, layers, heads, kv heads, intermediate, vocab
     "1.5b": (2048, 24, 16, 16, 5632, 32000),
     "7b": (4096, 32, 32, 32, 11008, 32000),
 }
+# Columns of the phase table: the hook's ``last_phases`` and the receiver's ``stats`` keys.
+PHASES = ["start", "buffer", "fill", "send", "agree", "finish"]
+RECV_PHASES = ["start_delay", "first_bucket", "arrivals", "wait", "data", "load", "finish"]
 DEFAULT_ROWS = [  # transport, model, bucket MiB, trainer GPUs, engine GPUs
     ("ipc", "tiny", 64, 1, 1), ("nccl", "tiny", 64, 1, 1),
     ("nccl", "1.5b", 64, 1, 1), ("nccl", "1.5b", 256, 1, 1), ("nccl", "1.5b", 1024, 1, 1),
@@ -311,10 +314,9 @@ def main() -> None:
         print(line, flush=True)
     if breakdown:
         print("\nPhases (median ms, host time except recv arrivals; trainer = sending rank, receiver = engine rank 0):", flush=True)
-        cols = ["start", "buffer", "fill", "send", "agree", "finish"]
-        rcols = ["start_delay", "first_bucket", "arrivals", "wait", "data", "load", "finish"]
-        header = ("| transport | model | bucket MiB | GPUs | export ms (min-max) | " + " | ".join(cols) + " | "
-                  + " | ".join(f"recv {c.replace('start_delay', 'start lag').replace('_', ' ')}" for c in rcols) + " |")
+        header = ("| transport | model | bucket MiB | GPUs | export ms (min-max) | " + " | ".join(PHASES) + " | "
+                  + " | ".join(f"recv {c.replace('start_delay', 'start lag').replace('_', ' ')}" for c in RECV_PHASES)
+                  + " |")
         print(header + "\n|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|", flush=True)
         print("\n".join(breakdown), flush=True)
 
@@ -324,10 +326,8 @@ def phase_row(prefix: str, r: dict) -> str:
         vals = [row[key] for row in rows if key in row]
         return f"{1e3 * statistics.median(vals):.1f}" if vals else ""
 
-    cols = ["start", "buffer", "fill", "send", "agree", "finish"]
-    rcols = ["start_delay", "first_bucket", "arrivals", "wait", "data", "load", "finish"]
-    return (prefix + "| " + " | ".join(med(r.get("phases", []), c) for c in cols) + " | "
-            + " | ".join(med(r.get("engine_stats", []), c) for c in rcols) + " |")
+    return (prefix + "| " + " | ".join(med(r.get("phases", []), c) for c in PHASES) + " | "
+            + " | ".join(med(r.get("engine_stats", []), c) for c in RECV_PHASES) + " |")
 
 
 if __name__ == "__main__":

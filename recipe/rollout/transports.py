@@ -268,7 +268,7 @@ class GroupTransport(Transport):
         self.ctl = self.data = self.store = None
         self.host_buffer = None
         self.pending_ctl.clear()
-        self.in_version, self.plan_sent = False, None
+        self.in_version = False
 
 
 class NcclTransport(GroupTransport):
@@ -323,7 +323,7 @@ class NcclTransport(GroupTransport):
         # them: close() aborts the communicator.
         try:
             ok = super()._end(msg, ok)
-            works, self.works = [w for w in self.works if w is not None], [None, None]
+            works = [w for w in self.works if w is not None]
             self._wait_host(works)
             return ok
         finally:

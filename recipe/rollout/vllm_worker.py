@@ -173,31 +173,29 @@ def send_obj(pg, obj: dict, async_op: bool = False) -> list | None:
 
 
 def post_recv_obj(pg) -> tuple:
-    """Post the receive of a one-frame control message now; ``take_obj`` waits for it."""
+    """Post the receive of a control message's frame now; ``take_obj`` waits for it."""
     return _bcast(pg, torch.empty(_FRAME, dtype=torch.uint8), async_op=True)
 
 
-def take_obj(posted: tuple) -> dict:
+def take_obj(posted: tuple, pg=None) -> dict:
+    """Wait for a posted control message. A message longer than one frame has its tail in a
+    second broadcast, received here on ``pg`` (without it such a message is a protocol error)."""
     work, frame = posted
     work.wait()
     raw = frame.numpy().tobytes()
     n = int.from_bytes(raw[:8], "little")
-    if n > _FRAME - 8:
-        raise RuntimeError(f"protocol error: a {n}-byte message where one frame was expected")
-    return json.loads(raw[8:8 + n])
-
-
-def recv_obj(pg) -> dict:
-    frame = torch.empty(_FRAME, dtype=torch.uint8)
-    _bcast(pg, frame)
-    raw = frame.numpy().tobytes()
-    n = int.from_bytes(raw[:8], "little")
     data = raw[8:8 + min(n, _FRAME - 8)]
     if n > _FRAME - 8:
+        if pg is None:
+            raise RuntimeError(f"protocol error: a {n}-byte message where one frame was expected")
         tail = torch.empty(n - (_FRAME - 8), dtype=torch.uint8)
         _bcast(pg, tail)
         data += tail.numpy().tobytes()
     return json.loads(data)
+
+
+def recv_obj(pg) -> dict:
+    return take_obj(post_recv_obj(pg), pg)
 
 
 def send_hello(pg, obj: dict) -> None:
@@ -720,9 +718,11 @@ class ReceiverEndpoint:
         if arrived is None:  # gloo: the broadcast returned with the bytes
             return read_tag(buffer, nbytes)
         deadline = time.monotonic() + self.timeout.total_seconds()
-        while not arrived.query():
+        while True:
             if self._early_end(end) is not None:
                 return None
+            if arrived.query():
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no bucket from the trainer within {self.timeout.total_seconds():.0f}s")
             time.sleep(_SPIN_S)
@@ -737,7 +737,7 @@ class ReceiverEndpoint:
             return error
         index, slot, buffer, nbytes, metas, arrived = received
         t0 = time.perf_counter()
-        sent_for = None if self._early_end(end) is not None else self._tag_of(buffer, nbytes, arrived, end)
+        sent_for = self._tag_of(buffer, nbytes, arrived, end)
         t1 = time.perf_counter()
         self.stats["wait"] += t1 - t0
         if index == 0 and sent_for is not None and "t" in self._start_msg:  # trainer's start() to bucket 0's bytes

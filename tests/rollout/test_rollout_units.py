@@ -586,6 +586,89 @@ def test_packing_casts_in_one_pass_with_the_same_bits():
         assert torch.equal(view, params[name].detach().to(torch.bfloat16)), name
 
 
+def test_fsdp_on_one_rank_packs_the_local_tensors_without_a_gather(single_process_group, monkeypatch):
+    """The trainer's one-GPU layout (FSDP over a one-rank mesh) must pack the same bits as a plain
+    model, straight from the local tensors: a per-parameter ``full_tensor()`` there is only Python
+    dispatch, and it made an in-job export several times slower than the transfer itself."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    cfg = tiny("llama", tie_word_embeddings=False)
+    params, expected = packed_in_one_bucket(cfg)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    model = materialized(cfg)
+    mesh = init_device_mesh("cpu", (1,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+
+    def no_gather(self, *args, **kwargs):
+        raise AssertionError("full_tensor() called on a tensor this rank holds whole")
+
+    monkeypatch.setattr(DTensor, "full_tensor", no_gather)
+    source = WeightSource(model, get_export_adapter(cfg, torch.bfloat16), 1 << 30)
+    (plan,) = source.buckets
+    buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+    source.fill(plan, buf)
+    packed = list(unpack(buf, plan.metas))
+    assert [n for n, _ in packed] == [n for n, _ in expected]
+    for (name, got), (_, want) in zip(packed, expected):
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("config, overrides, extra", [
+    # odd vocabulary and MLP rows: uneven shards; the fused layout builds qkv/gate_up from gathers
+    ("configs/tiny/llama.json", {"vocab_size": 509, "intermediate_size": 250}, ["--fused", "--engine_tp", "2"]),
+    # float32 A_log/dt_bias next to bf16 weights in one gather; 3 heads: 1-D params split 2/1
+    ("configs/tiny/gated_deltanet.json", {"num_heads": 3, "vocab_size": 509}, []),
+    # rows, columns and replicated in one bucket: the batched gather, full_tensor() and local reads
+    ("configs/tiny/llama.json", {"vocab_size": 509}, ["--layout", "mixed"]),
+], ids=["llama-fused", "gated_deltanet", "mixed-layouts"])
+def test_sharded_buckets_pack_the_same_bits_with_one_gather_per_bucket(tmp_path, config, overrides, extra):
+    """Sharded over 2 gloo ranks, every bucket packs exactly as from the unsharded model; row-split
+    (FSDP) parameters need no per-parameter ``full_tensor()`` (one all-gather per bucket)."""
+    out = tmp_path / "fill.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "rollout", "fsdp_fill.py"), "--config", config,
+           "--set", json.dumps(overrides), "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mismatched"] == [] and result["extra"] == []
+    assert result["buckets"] > 2 and result["uneven"]  # several buckets; the padding path ran
+    if "mixed" in extra:  # only the column-split matrices need a gather of their own
+        assert 0 < result["full_tensor_calls"] < len(result["names"]) / 2
+        return
+    assert result["full_tensor_calls"] == 0
+    if "--fused" in extra:
+        assert any(".qkv_proj." in n for n in result["names"])
+    else:
+        assert result["dtypes"] == ["torch.bfloat16", "torch.float32"]
+
+
+def test_a_tensor_sharded_over_several_ranks_is_not_taken_as_whole():
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from recipe.rollout.source import held_whole
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2,))
+        sharded = DTensor.from_local(torch.ones(2, 3), mesh, [Shard(0)], run_check=False)
+        replicated = DTensor.from_local(torch.ones(4, 3), mesh, [Replicate()], run_check=False)
+        assert held_whole(sharded) is None
+        assert torch.equal(held_whole(replicated), torch.ones(4, 3))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_no_receiver_fails_at_once():
     transport = GroupTransport(Cfg(engine_port=free_port(), timeout_s=30))
     with pytest.raises(TransportError, match="no rollout receiver listening"):

@@ -19,7 +19,7 @@ Each run's ``<dump>/metrics.jsonl`` gives ``step_time_s`` and ``tps`` per step. 
 time runs from the previous step's log to its own, so it holds the previous step's export: steps
 ``warmup+1 .. steps`` (``warmup >= 1``) each include exactly one export, the last step's export is
 not timed. The hook's cost is the difference of the median step times; ``export s`` is the median
-of the hook's own "exported version N ... in X.XXs" log lines (10 ms resolution) over the exports
+of the hook's own "exported version N ... in X.XXXXs" log lines over the exports
 inside the timed steps.
 
 Prints a header (date, device, command) and one markdown table. Exits 1 with the tail of the log
@@ -210,7 +210,7 @@ def table(rows: list[dict], base: dict) -> str:
         diff = r["step_s"] - base["step_s"]
         cost = "—" if r is base else f"{diff:+.4f}"
         pct = "—" if r is base else f"{100 * diff / base['step_s']:+.1f}%"
-        export = f"{r['export_s']:.2f}" if r.get("export_s") is not None else "—"
+        export = f"{r['export_s']:.4f}" if r.get("export_s") is not None else "—"
         lines.append(f"| {r['run']} | {r['steps']} ({r['first']}–{r['last']}) | {r['step_s']:.4f} | "
                      f"{r['tps']:,.0f} | {cost} | {pct} | {export} |")
     return "\n".join(lines)

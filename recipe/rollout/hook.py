@@ -134,37 +134,35 @@ class RolloutHook:
         ok = self._agree(error is None)
         lap("agree")
         if ok:
+            # No per-bucket agreement (it would be a host sync per bucket): a sender that fails
+            # mid-version keeps filling without a buffer, so every rank runs the same gathers, and
+            # the outcome is agreed once at the end.
             for plan in source.buckets:
                 buffer = None
-                if sender:  # may raise too (a failed broadcast surfaces here): not a training error
+                if sender and error is None:  # may raise too (a failed broadcast surfaces here)
                     try:
                         buffer = self.transport.buffer(plan.nbytes)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:  # noqa: BLE001 - not a training error
                         error = f"{type(e).__name__}: {e}"
                 lap("buffer")
                 source.fill(plan, buffer)  # collective on every rank
                 lap("fill")
-                if sender and error is None:
+                if buffer is not None:
                     error = self._attempt(self.transport.send, Bucket(plan.index, plan.metas, buffer, plan.nbytes))
                     sent += plan.nbytes if error is None else 0
                 lap("send")
-                if not self._agree(error is None):
-                    ok = False
-                    break
-                lap("agree")
-            else:
-                if sender:
-                    error = self._attempt(self.transport.finish, version)
-                lap("finish")
-                ok = self._agree(error is None)
-                lap("agree")
+            if sender and error is None:
+                error = self._attempt(self.transport.finish, version)
+            lap("finish")
+            ok = self._agree(error is None)
+            lap("agree")
         seconds = time.perf_counter() - t0
         if ok:
             self.exported.append(version)
             if sender:
                 logger.info(f"rollout: exported version {version} ({len(source.items)} tensors, "
                             f"{source.total_bytes / 2**20:.1f} MiB in {len(source.buckets)} bucket(s)) in "
-                            f"{seconds:.2f}s ({source.total_bytes / max(seconds, 1e-9) / 2**30:.2f} GiB/s)")
+                            f"{seconds:.4f}s ({source.total_bytes / max(seconds, 1e-9) / 2**30:.2f} GiB/s)")
             return True
         self.failed.append(version)
         if sender:

@@ -196,7 +196,8 @@ class GroupTransport(Transport):
         return self.host_buffer
 
     def send(self, bucket: Bucket) -> None:
-        if bucket.index != self.n_buckets_sent or bucket.nbytes != self.buckets[bucket.index].nbytes:
+        if (bucket.index != self.n_buckets_sent or bucket.index >= len(self.buckets)
+                or bucket.nbytes != self.buckets[bucket.index].nbytes):
             raise TransportError(f"bucket {bucket.index} ({bucket.nbytes} bytes) sent out of plan: expected bucket "
                                  f"{self.n_buckets_sent}")
         self._send_tagged(bucket, self.n_started)

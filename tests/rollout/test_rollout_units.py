@@ -20,7 +20,7 @@ from recipe.model import build_model_on_meta, init_weights, load_model_config
 from recipe.net import free_port
 from recipe.rollout.adapters import fuse_qkv, get_export_adapter, layer_order
 from recipe.rollout.receiver import HFEngine, LlamaTPEngine, probe_batch
-from recipe.rollout.source import WeightSource, plan_buckets
+from recipe.rollout.source import Bucket, WeightSource, plan_buckets
 from recipe.rollout.transports import GroupTransport, TransportError, VLLMTransport
 from recipe.rollout.vllm_worker import ALIGN, ReceiverEndpoint, TrainerClosed, unpack
 
@@ -674,6 +674,17 @@ def test_no_receiver_fails_at_once():
     with pytest.raises(TransportError, match="no rollout receiver listening"):
         transport.init()
 
+
+
+def test_a_bucket_outside_the_plan_is_a_transport_error_before_anything_is_sent():
+    source = WeightSource(materialized(tiny("llama")), get_export_adapter(tiny("llama"), torch.float32), 1 << 17)
+    transport = GroupTransport(Cfg())
+    transport.buckets, transport.n_buckets_sent = source.buckets, len(source.buckets)  # the version's last was sent
+    extra = source.buckets[-1]
+    with pytest.raises(TransportError, match="out of plan"):
+        transport.send(Bucket(len(source.buckets), extra.metas, torch.empty(0, dtype=torch.uint8), extra.nbytes))
+    with pytest.raises(TransportError, match="out of plan"):  # a bucket again
+        transport.send(Bucket(0, source.buckets[0].metas, torch.empty(0, dtype=torch.uint8), source.buckets[0].nbytes))
 
 # --------------------------------------------------------------------------- vLLM transport (fake vLLM)
 

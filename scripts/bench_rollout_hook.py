@@ -2,6 +2,8 @@
 
     # 2 GPUs, disaggregated: trainer on GPU 0, flare's reference receiver on GPU 1 (NCCL broadcast)
     python scripts/bench_rollout_hook.py --transport nccl --model configs/llama_1B.json --steps 30
+    # 3 GPUs: an FSDP=2 trainer on GPUs 0-1, the receiver on GPU 2
+    python scripts/bench_rollout_hook.py --transport nccl --model configs/llama_1B.json --steps 30 --trainer-gpus 2
     # 1 GPU, colocated: the receiver maps the trainer's buffers on the same GPU (CUDA IPC)
     python scripts/bench_rollout_hook.py --transport ipc --model configs/llama_1B.json --steps 30
     # CPU smoke run (what tests/rollout/test_bench_rollout_hook.py does)
@@ -13,7 +15,8 @@ Run 1 (``no hook``) trains ``--steps`` steps on the synthetic corpus with the by
 checkpoints, metrics every step. Run 2 (``hook <transport>``) is the same command plus
 ``--hooks.post_step rollout --rollout.enable --rollout.interval 1`` exporting every step to
 ``python -m recipe.rollout.receiver`` (the engine; started first, with a ready file). Both are one
-trainer process (torchrun, 1 rank); ``--trainer-args`` adds train.py overrides to both runs.
+torchrun job of ``--trainer-gpus`` ranks (default 1); ``--trainer-args`` adds train.py overrides to
+both runs.
 
 Each run's ``<dump>/metrics.jsonl`` gives ``step_time_s`` and ``tps`` per step. A logged step's
 time runs from the previous step's log to its own, so it holds the previous step's export: steps
@@ -103,7 +106,8 @@ def env_for(gpu: str | None) -> dict:
 
 
 def trainer_command(args, dump: str, hook: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.trainer_gpus}",
+           "train.py",
            "--model.config", args.model, "--model.tokenizer", "bytes", "--training.dataset", "synthetic",
            "--training.steps", str(args.steps), "--checkpoint.no_enable", "--metrics.log_freq", "1",
            "--metrics.no_enable_tensorboard", "--job.dump_folder", dump]
@@ -225,9 +229,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="rollout.dtype and the receiver's dtype")
     ap.add_argument("--bucket-mb", type=float, default=None, help="rollout.bucket_mb (default: the config's)")
+    ap.add_argument("--trainer-gpus", type=int, default=1,
+                    help="trainer ranks (FSDP over them); with gloo, CPU processes")
     ap.add_argument("--gpus", default=None,
-                    help="trainer GPU[,receiver GPU] (default: the first two of CUDA_VISIBLE_DEVICES, or 0,1; "
-                         "ipc puts the receiver on the trainer's GPU); ignored for gloo")
+                    help="trainer GPUs, then the receiver's (default: CUDA_VISIBLE_DEVICES, or 0,1,...; ipc puts "
+                         "the receiver on the first trainer GPU); ignored for gloo")
     ap.add_argument("--trainer-args", default="", help="extra train.py overrides for both runs, one string")
     ap.add_argument("--port", type=int, default=None, help="the receiver's rendezvous port (default: a free one)")
     ap.add_argument("--rollout-timeout", type=float, default=60.0, help="rollout.timeout_s and the receiver's")
@@ -240,24 +246,24 @@ def main(argv=None) -> int:
     args.model = os.path.relpath(os.path.abspath(args.model), ROOT) if not os.path.isabs(args.model) else args.model
 
     trainer_gpu = receiver_gpu = None
+    n = args.trainer_gpus
     if args.transport != "gloo":
-        visible = args.gpus or os.environ.get("CUDA_VISIBLE_DEVICES") or "0,1"
+        visible = args.gpus or os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(n + 1)))
         gpus = [g.strip() for g in visible.split(",") if g.strip()]
-        trainer_gpu = gpus[0]
-        if args.transport == "ipc":
-            receiver_gpu = trainer_gpu
-        elif len(gpus) < 2:
-            ap.error("--transport nccl needs a second GPU for the receiver (--gpus 0,1)")
-        else:
-            receiver_gpu = gpus[1]
+        need = n if args.transport == "ipc" else n + 1
+        if len(gpus) < need:
+            ap.error(f"--transport {args.transport} with {n} trainer GPU(s) needs {need} GPUs (--gpus)")
+        trainer_gpu = ",".join(gpus[:n])
+        receiver_gpu = gpus[0] if args.transport == "ipc" else gpus[n]
     workdir = args.workdir or tempfile.mkdtemp(prefix="flare-bench-hook-")
     os.makedirs(workdir, exist_ok=True)
 
     placement = {"gloo": "trainer and receiver on CPU",
                  "nccl": f"trainer on GPU {trainer_gpu}, receiver on GPU {receiver_gpu} (NCCL)",
-                 "ipc": f"trainer and receiver on GPU {trainer_gpu} (CUDA IPC, colocated)"}[args.transport]
+                 "ipc": f"trainer on GPU {trainer_gpu}, receiver on GPU {receiver_gpu} (CUDA IPC, colocated)",
+                 }[args.transport] + (f"; FSDP over {n} trainer ranks" if n > 1 else "")
     print(f"# rollout hook cost at interval 1 — {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"device: {device_name(trainer_gpu)}; {placement}")
+    print(f"device: {device_name(trainer_gpu.split(',')[0] if trainer_gpu else None)}; {placement}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}" if argv is None
           else f"command: bench_rollout_hook.py {shlex.join(argv)}")
     print(f"model {args.model}, {args.steps} steps, warm-up {args.warmup}, rollout dtype {args.dtype}, "
@@ -286,7 +292,7 @@ def main(argv=None) -> int:
     print()
     print(table([base, hooked], base))
     print("\nA step's time holds the previous step's export. `median export s`: the hook's own timing on the "
-          "sending rank (gather + transfer + engine ack), from its log line (10 ms resolution).")
+          "sending rank (gather + transfer + engine ack), from its log line.")
     return 0
 
 

@@ -145,7 +145,12 @@ class RolloutHook:
                     except Exception as e:  # noqa: BLE001 - not a training error
                         error = f"{type(e).__name__}: {e}"
                 lap("buffer")
-                source.fill(plan, buffer)  # collective on every rank
+                try:
+                    source.fill(plan, buffer)  # collective on every rank
+                except Exception as e:  # noqa: BLE001 - packing failed on the sender, after the collectives
+                    if buffer is None:
+                        raise  # a failed collective: not an export error
+                    error, buffer = f"{type(e).__name__}: {e}", None
                 lap("fill")
                 if buffer is not None:
                     error = self._attempt(self.transport.send, Bucket(plan.index, plan.metas, buffer, plan.nbytes))

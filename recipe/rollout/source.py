@@ -181,17 +181,37 @@ class WeightSource:
         self.max_bucket_bytes = max((b.nbytes for b in self.buckets), default=0)
         # Layouts are fixed for the model's life: decide per parameter once, not per export.
         self.whole = {n for n, p in self.params.items() if held_whole(p) is not None}
-        self.fsdp_dims = {n: d for n, p in self.params.items() if (d := fsdp_dim(p)) is not None}
+        self.fsdp_dims = self._row_split(self.params)
         self.gathers = [self._plan_gathers(plan) for plan in self.buckets]
+
+    @staticmethod
+    def _row_split(params: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Parameters to gather as row slots, with their mesh dimension: ``Shard(0)`` ones whose
+        local rows on *every* rank are the ``torch.chunk`` rows the slots assume (a DTensor built
+        with ``from_local`` may split unevenly; it is gathered with ``full_tensor()`` instead).
+        Collective (one all-reduce) when any candidate exists: every rank must decide the same."""
+        candidates = {n: d for n, p in params.items() if (d := fsdp_dim(p)) is not None}
+        if not candidates:
+            return {}
+        ok = []
+        for name, dim in candidates.items():
+            p = params[name]
+            world, n = p.device_mesh.size(dim), p.shape[0]
+            chunk = -(-n // world)
+            rows = max(0, min(chunk, n - p.device_mesh.get_local_rank(dim) * chunk))
+            ok.append(tuple(p.to_local().shape) == (rows, *p.shape[1:]))
+        flags = torch.tensor(ok, dtype=torch.int32, device=params[next(iter(candidates))].to_local().device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return {name: dim for (name, dim), good in zip(candidates.items(), flags.tolist()) if good}
 
     def _plan_gathers(self, plan: BucketPlan) -> list[GatherGroup]:
         groups: dict[tuple, GatherGroup] = {}  # insertion order = the plan's, the same on every rank
-        seen: set[str] = set()
+        seen: set[tuple[str, torch.dtype]] = set()
         for item, _ in plan.entries:
             for name in item.sources:
-                if name not in self.fsdp_dims or name in seen:
+                if name not in self.fsdp_dims or (name, item.dtype) in seen:
                     continue
-                seen.add(name)
+                seen.add((name, item.dtype))
                 p, dim = self.params[name], self.fsdp_dims[name]
                 group = groups.setdefault((p.device_mesh, dim), GatherGroup(p.device_mesh, dim, [], 0))
                 world, shape = p.device_mesh.size(dim), tuple(p.shape)
@@ -202,10 +222,10 @@ class WeightSource:
                 group.nbytes = align(offset + width * item.dtype.itemsize)
         return list(groups.values())
 
-    def gather_fsdp(self, plan: BucketPlan, keep: bool) -> dict[str, Gathered]:
+    def gather_fsdp(self, plan: BucketPlan, keep: bool) -> dict[tuple[str, torch.dtype], Gathered]:
         """One all-gather per mesh group for the bucket's row-split parameters (see the module
-        docstring); with ``keep`` their gathered views by name, else an empty dict."""
-        out: dict[str, Gathered] = {}
+        docstring); with ``keep`` their gathered views by (name, dtype), else an empty dict."""
+        out: dict[tuple[str, torch.dtype], Gathered] = {}
         for group in self.gathers[plan.index]:
             world = group.mesh.size(group.dim)
             locals_ = [self.params[slot.name].detach().to_local() for slot in group.slots]
@@ -220,40 +240,52 @@ class WeightSource:
                 rows = recv.view(world, group.nbytes)
                 for slot in group.slots:
                     view = rows[:, slot.offset:slot.offset + slot.width * slot.dtype.itemsize].view(slot.dtype)
-                    out[slot.name] = Gathered(view, slot.shape, slot.chunk)
+                    out[(slot.name, slot.dtype)] = Gathered(view, slot.shape, slot.chunk)
         return out
 
-    def _source(self, name: str, dtype: torch.dtype, gathered: dict[str, Gathered]):
+    def _source(self, name: str, dtype: torch.dtype, gathered: dict):
         """One source parameter of an item: a Gathered view, this rank's whole tensor (not yet cast),
         or the result of ``full_tensor()``, a collective every rank runs; None when not kept."""
-        if name in gathered:
-            return gathered[name]
+        if (name, dtype) in gathered:
+            return gathered[(name, dtype)]
         if name in self.fsdp_dims:
             return None  # in the bucket's all-gather; only the sender keeps it
         p = self.params[name].detach()
         if name in self.whole:
             return p.to_local() if isinstance(p, DTensor) else p
+        if any(pl.is_partial() for pl in p.placements):
+            return p.full_tensor()  # sum first, in the parameter's dtype; cast when packing
         return (p.to(dtype) if p.dtype != dtype else p).full_tensor()
 
     @torch.no_grad()
     def fill(self, plan: BucketPlan, out: torch.Tensor | None) -> None:
-        """Gather the bucket's parameters (on every rank) and, given ``out``, pack them into it."""
-        keep = out is not None
-        gathered = self.gather_fsdp(plan, keep)
+        """Gather the bucket's parameters (on every rank) and, given ``out``, pack them into it.
+        A packing error (only the sender packs) is raised after the bucket's last collective, so
+        the other ranks are never left waiting in one."""
+        gathered = self.gather_fsdp(plan, keep=out is not None)
+        error = None
         for item, meta in plan.entries:
             sources = [self._source(name, item.dtype, gathered) for name in item.sources]
-            if not keep:
+            if out is None or error is not None:
                 continue
-            dst = out[meta.offset:meta.offset + meta.nbytes].view(item.dtype).view(meta.shape)
-            if item.combine is None:  # straight into the bucket; the cast happens in this copy
-                (source,) = sources
-                if tuple(source.shape) != meta.shape:
-                    raise RuntimeError(f"rollout: {item.name} is {tuple(source.shape)}, planned {meta.shape}")
-                source.copy_to(dst) if isinstance(source, Gathered) else dst.copy_(source)
-                continue
-            tensor = item.build([s.full() if isinstance(s, Gathered) else s.to(item.dtype) for s in sources])
-            if tuple(tensor.shape) != meta.shape or tensor.dtype != item.dtype:
-                raise RuntimeError(f"rollout: {item.name} came out {tuple(tensor.shape)} {tensor.dtype}, "
-                                   f"planned {meta.shape} {item.dtype}")
-            dst.copy_(tensor)
-            del tensor
+            try:
+                self._pack(item, meta, sources, out)
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                error = e
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _pack(item: ExportItem, meta: TensorMeta, sources: list, out: torch.Tensor) -> None:
+        dst = out[meta.offset:meta.offset + meta.nbytes].view(item.dtype).view(meta.shape)
+        if item.combine is None:  # straight into the bucket; the cast happens in this copy
+            (source,) = sources
+            if tuple(source.shape) != meta.shape:
+                raise RuntimeError(f"rollout: {item.name} is {tuple(source.shape)}, planned {meta.shape}")
+            source.copy_to(dst) if isinstance(source, Gathered) else dst.copy_(source)
+            return
+        tensor = item.build([s.full() if isinstance(s, Gathered) else s.to(item.dtype) for s in sources])
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != item.dtype:
+            raise RuntimeError(f"rollout: {item.name} came out {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"planned {meta.shape} {item.dtype}")
+        dst.copy_(tensor)

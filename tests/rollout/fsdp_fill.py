@@ -1,8 +1,11 @@
 """Pack a seeded tiny model's export buckets twice in each torchrun rank (gloo): from the plain
 model, then after sharding it over all ranks, with ``DTensor.full_tensor`` counting its calls.
-``--layout fsdp``: ``fully_shard`` per block and root. ``--layout mixed``: every matrix split by
-rows or by columns in turn, vectors replicated, so one bucket mixes the batched all-gather, the
-per-parameter ``full_tensor()`` and local reads. Rank 0 writes what differs as JSON. Used by
+``--layout fsdp``: ``fully_shard`` per block and root; ``hsdp``: the same over a (1, world) mesh
+(replicate, shard). ``--layout mixed``: every matrix split by rows or by columns in turn, vectors
+replicated, so one bucket mixes the batched all-gather, the per-parameter ``full_tensor()`` and
+local reads. Then, with ``--pack_errors``, one more pass (the model in one bucket) in which rank
+0's packing fails at the first tensor: ``fill`` must still run the bucket's remaining collectives
+(else the other rank hangs) and raise afterwards. Rank 0 writes what differs as JSON. Used by
 tests/rollout/test_rollout_units.py.
 
     torchrun --nproc_per_node=2 tests/rollout/fsdp_fill.py --config configs/tiny/llama.json --out r.json
@@ -41,7 +44,8 @@ def main() -> None:
     ap.add_argument("--engine_tp", type=int, default=1)
     ap.add_argument("--fused", action="store_true")
     ap.add_argument("--bucket_bytes", type=int, default=1 << 15)
-    ap.add_argument("--layout", choices=["fsdp", "mixed"], default="fsdp")
+    ap.add_argument("--layout", choices=["fsdp", "hsdp", "mixed"], default="fsdp")
+    ap.add_argument("--pack_errors", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dist.init_process_group("gloo")
@@ -56,7 +60,9 @@ def main() -> None:
     want = packed(WeightSource(model, adapter, args.bucket_bytes))
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    if args.layout == "fsdp":
+    if args.layout == "hsdp":
+        mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
+    if args.layout in ("fsdp", "hsdp"):
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -77,6 +83,24 @@ def main() -> None:
     DTensor.full_tensor = counted
     source = WeightSource(model, adapter, args.bucket_bytes)
     got = packed(source)
+    raised, failing_source = 0, None
+    if args.pack_errors:
+        pack = WeightSource._pack
+
+        def failing(item, meta, sources, out):
+            if meta.offset == 0:  # the first tensor of each bucket
+                raise RuntimeError("injected packing error")
+            pack(item, meta, sources, out)
+
+        # One bucket for the whole model: gathers follow the tensor whose packing fails.
+        failing_source = WeightSource(model, adapter, 1 << 20, ramp_start=1)
+        failing_source._pack = failing  # rank 0 is the only rank that packs
+        for plan in failing_source.buckets:
+            try:
+                failing_source.fill(plan, torch.zeros(plan.nbytes, dtype=torch.uint8) if dist.get_rank() == 0 else None)
+            except RuntimeError:
+                raised += 1
+        dist.barrier()  # both ranks got here: no collective was left unmatched
     if dist.get_rank() == 0:
         world = dist.get_world_size()
         with open(args.out, "w") as f:
@@ -89,6 +113,8 @@ def main() -> None:
                 "uneven": sorted(n for n, p in model.named_parameters() if p.shape[0] % world),
                 "dtypes": sorted({str(t.dtype) for t in want.values()}),
                 "full_tensor_calls": calls[0],
+                "pack_errors_raised": raised,
+                "pack_error_buckets": len(failing_source.buckets) if args.pack_errors else 0,
             }, f)
     dist.destroy_process_group()
 

@@ -13,18 +13,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.slow
 
 
-def test_bench_rollout_hook_gloo(tmp_path):
+@pytest.mark.parametrize("trainer_ranks", [1, 2])
+def test_bench_rollout_hook_gloo(tmp_path, trainer_ranks):
     steps = 4
     cmd = [sys.executable, "scripts/bench_rollout_hook.py", "--transport", "gloo", "--model", "configs/tiny/llama.json",
            "--steps", str(steps), "--warmup", "1", "--dtype", "float32", "--timeout", "120",
+           "--trainer-gpus", str(trainer_ranks),
            "--workdir", str(tmp_path), "--trainer-args",
            "--training.seq_len 64 --training.local_batch_size 2 --training.mixed_precision_param float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
 
     assert "# rollout hook cost at interval 1" in text and "device: CPU" in text and "command:" in text
+    assert ("FSDP over 2 trainer ranks" in text) == (trainer_ranks == 2), text
     assert "| run | steps timed | median step s |" in text
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (no hook|hook gloo) \|.*$", text, re.M)}
     assert set(rows) == {"no hook", "hook gloo"}, text
@@ -39,4 +42,6 @@ def test_bench_rollout_hook_gloo(tmp_path):
     receiver = (tmp_path / "receiver_gloo.log").read_text()
     assert [f"applied version {v}" in receiver for v in range(1, steps + 1)] == [True] * steps
     assert "trainer closed the connection" in receiver
-    assert "rollout: export of version" not in (tmp_path / "hook_gloo.log").read_text()  # no failed export
+    hook_log = (tmp_path / "hook_gloo.log").read_text()
+    assert "rollout: export of version" not in hook_log  # no failed export
+    assert ("Applied FSDP to the model" in hook_log) == (trainer_ranks == 2)  # the trainer ran on 2 ranks

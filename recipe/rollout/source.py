@@ -110,9 +110,16 @@ def held_whole(p: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def fsdp_dim(p: torch.Tensor) -> int | None:
-    """The mesh dimension ``p`` is split over as FSDP splits it (rows, ``torch.chunk`` sizes), when
-    that is its only split; None for any other layout."""
+def chunk_rows(n: int, world: int, index: int) -> tuple[int, int]:
+    """``Shard(0)``'s split of ``n`` rows over ``world`` ranks (``torch.chunk``): (rows per chunk,
+    rows rank ``index`` holds; the last ranks may hold fewer or none)."""
+    chunk = -(-n // world)
+    return chunk, max(0, min(chunk, n - index * chunk))
+
+
+def row_split_dim(p: torch.Tensor) -> int | None:
+    """The mesh dimension ``p`` is split over by rows (``Shard(0)``: FSDP, HSDP, a TP column-parallel
+    weight), when that is its only split; None for any other layout."""
     if not isinstance(p, DTensor) or p.dim() == 0:
         return None
     mesh = p.device_mesh
@@ -140,7 +147,7 @@ class Gathered:
             return dst
         rows_of = dst.view(n, -1)
         for q in range(world):
-            rows = max(0, min(self.chunk, n - q * self.chunk))
+            _, rows = chunk_rows(n, world, q)
             if rows:
                 rows_of[q * self.chunk:q * self.chunk + rows].copy_(self.pieces[q, :rows * rows_of.shape[1]].view(rows, -1))
         return dst
@@ -181,7 +188,7 @@ class WeightSource:
         self.max_bucket_bytes = max((b.nbytes for b in self.buckets), default=0)
         # Layouts are fixed for the model's life: decide per parameter once, not per export.
         self.whole = {n for n, p in self.params.items() if held_whole(p) is not None}
-        self.fsdp_dims = self._row_split(self.params)
+        self.row_dims = self._row_split(self.params)
         self.gathers = [self._plan_gathers(plan) for plan in self.buckets]
 
     @staticmethod
@@ -190,15 +197,13 @@ class WeightSource:
         local rows on *every* rank are the ``torch.chunk`` rows the slots assume (a DTensor built
         with ``from_local`` may split unevenly; it is gathered with ``full_tensor()`` instead).
         Collective (one all-reduce) when any candidate exists: every rank must decide the same."""
-        candidates = {n: d for n, p in params.items() if (d := fsdp_dim(p)) is not None}
+        candidates = {n: d for n, p in params.items() if (d := row_split_dim(p)) is not None}
         if not candidates:
             return {}
         ok = []
         for name, dim in candidates.items():
             p = params[name]
-            world, n = p.device_mesh.size(dim), p.shape[0]
-            chunk = -(-n // world)
-            rows = max(0, min(chunk, n - p.device_mesh.get_local_rank(dim) * chunk))
+            _, rows = chunk_rows(p.shape[0], p.device_mesh.size(dim), p.device_mesh.get_local_rank(dim))
             ok.append(tuple(p.to_local().shape) == (rows, *p.shape[1:]))
         flags = torch.tensor(ok, dtype=torch.int32, device=params[next(iter(candidates))].to_local().device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -209,20 +214,20 @@ class WeightSource:
         seen: set[tuple[str, torch.dtype]] = set()
         for item, _ in plan.entries:
             for name in item.sources:
-                if name not in self.fsdp_dims or (name, item.dtype) in seen:
+                if name not in self.row_dims or (name, item.dtype) in seen:
                     continue
                 seen.add((name, item.dtype))
-                p, dim = self.params[name], self.fsdp_dims[name]
+                p, dim = self.params[name], self.row_dims[name]
                 group = groups.setdefault((p.device_mesh, dim), GatherGroup(p.device_mesh, dim, [], 0))
-                world, shape = p.device_mesh.size(dim), tuple(p.shape)
-                chunk = -(-shape[0] // world)
+                shape = tuple(p.shape)
+                chunk, _ = chunk_rows(shape[0], p.device_mesh.size(dim), 0)
                 width = chunk * (p.numel() // shape[0]) if shape[0] else 0
                 offset = align(group.nbytes)
                 group.slots.append(GatherSlot(name, item.dtype, shape, chunk, width, offset))
                 group.nbytes = align(offset + width * item.dtype.itemsize)
         return list(groups.values())
 
-    def gather_fsdp(self, plan: BucketPlan, keep: bool) -> dict[tuple[str, torch.dtype], Gathered]:
+    def gather_rows(self, plan: BucketPlan, keep: bool) -> dict[tuple[str, torch.dtype], Gathered]:
         """One all-gather per mesh group for the bucket's row-split parameters (see the module
         docstring); with ``keep`` their gathered views by (name, dtype), else an empty dict."""
         out: dict[tuple[str, torch.dtype], Gathered] = {}
@@ -248,7 +253,7 @@ class WeightSource:
         or the result of ``full_tensor()``, a collective every rank runs; None when not kept."""
         if (name, dtype) in gathered:
             return gathered[(name, dtype)]
-        if name in self.fsdp_dims:
+        if name in self.row_dims:
             return None  # in the bucket's all-gather; only the sender keeps it
         p = self.params[name].detach()
         if name in self.whole:
@@ -262,7 +267,7 @@ class WeightSource:
         """Gather the bucket's parameters (on every rank) and, given ``out``, pack them into it.
         A packing error (only the sender packs) is raised after the bucket's last collective, so
         the other ranks are never left waiting in one."""
-        gathered = self.gather_fsdp(plan, keep=out is not None)
+        gathered = self.gather_rows(plan, keep=out is not None)
         error = None
         for item, meta in plan.entries:
             sources = [self._source(name, item.dtype, gathered) for name in item.sources]

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import torch
 
-from recipe.model import build_model_on_meta, init_weights, load_model_config
+from recipe.model import load_model_config
 from recipe.rollout.adapters import get_export_adapter
 from recipe.rollout.source import Bucket, WeightSource
 from recipe.rollout.transports import build_transport
+from tests.rollout.seeded_model import materialized
 
 CONFIG = "configs/tiny/llama.json"
 BUCKET_BYTES = 1 << 17
@@ -21,11 +22,7 @@ BUCKET_BYTES = 1 << 17
 def tiny_llama_source(device: str = "cpu") -> WeightSource:
     """The exported model: a seeded tiny Llama, identical in every process that builds it."""
     cfg = load_model_config(CONFIG)
-    torch.manual_seed(0)
-    model = build_model_on_meta(cfg)
-    model.to_empty(device="cpu")
-    init_weights(model)
-    return WeightSource(model.to(device), get_export_adapter(cfg, torch.float32), BUCKET_BYTES)
+    return WeightSource(materialized(cfg).to(device), get_export_adapter(cfg, torch.float32), BUCKET_BYTES)
 
 
 def main() -> None:

@@ -20,10 +20,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from recipe.model import build_model_on_meta, init_weights, load_model_config
+from recipe.model import load_model_config
 from recipe.rollout.adapters import get_export_adapter
 from recipe.rollout.source import WeightSource
 from recipe.rollout.vllm_worker import unpack
+from tests.rollout.seeded_model import materialized
 
 
 def packed(source: WeightSource) -> dict[str, torch.Tensor]:
@@ -52,10 +53,7 @@ def main() -> None:
     cfg = load_model_config(args.config)
     for key, value in json.loads(args.set).items():
         setattr(cfg, key, value)
-    torch.manual_seed(0)
-    model = build_model_on_meta(cfg)
-    model.to_empty(device="cpu")
-    init_weights(model)
+    model = materialized(cfg)
     adapter = get_export_adapter(cfg, getattr(torch, args.dtype), engine_tp=args.engine_tp, fused=args.fused)
     want = packed(WeightSource(model, adapter, args.bucket_bytes))
 

@@ -16,13 +16,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from recipe.model import build_model_on_meta, init_weights, load_model_config
+from recipe.model import build_model_on_meta, load_model_config
 from recipe.net import free_port
 from recipe.rollout.adapters import fuse_qkv, get_export_adapter, layer_order
 from recipe.rollout.receiver import HFEngine, LlamaTPEngine, probe_batch
 from recipe.rollout.source import Bucket, WeightSource, plan_buckets
 from recipe.rollout.transports import GroupTransport, TransportError, VLLMTransport
 from recipe.rollout.vllm_worker import ALIGN, ReceiverEndpoint, TrainerClosed, unpack
+from tests.rollout.seeded_model import materialized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLA_FAMILIES = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2"]
@@ -33,16 +34,6 @@ def tiny(family, **overrides):
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
-
-
-def materialized(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = build_model_on_meta(cfg)
-    model.to_empty(device="cpu")
-    if getattr(cfg, "tie_word_embeddings", False):
-        model.tie_weights()  # to_empty gives each module its own tensor
-    init_weights(model)
-    return model
 
 
 def export_all(model, adapter, bucket_bytes, engines):

@@ -7,8 +7,9 @@
 
 Each row spawns trainer ranks (FSDP2 over ``--trainer_gpus``, plain tensors with one; a
 Llama-shaped HF model in fp32 with random weights; ``train.py`` on one GPU holds one-rank DTensors,
-which take the same no-gather path) and reference receiver ranks (``recipe.rollout.receiver.LlamaTPEngine``, vLLM's
-TP layout, bf16, on the next GPUs for nccl or the trainer's GPUs for ipc). The trainer exports
+which take the same no-gather path) and reference receiver ranks
+(``recipe.rollout.receiver.LlamaTPEngine``, vLLM's TP layout, bf16, on the next GPUs for nccl or
+the trainer's GPUs for ipc). The trainer exports
 through the real ``rollout`` hook (gather → pack → transport → load_weights → ack) ``--repeats``
 times after a warm-up. ``fill s`` is the same gathers and packing with no transport: an export
 close to it means the transfer hid behind the gathers. With ``--check`` (small models) the

@@ -165,9 +165,17 @@ def test_first_buckets_ramp_up_to_the_bucket_size():
     buckets = plan_buckets(items, 1024, ramp_start=16)  # at most 64, 256, then 1024 bytes
     assert [len(b.metas) for b in buckets] == [1, 4, 16, 9]
     assert [m.name for b in buckets for m in b.metas] == [it.name for it in items]
-    # an item larger than the ramped capacity still goes alone, and the ramp goes on after it
+    # an item larger than the ramp so far (an embedding, first in layer order) waits until the
+    # buckets have grown to it: the first bucket stays small
     big = [Item("big", 200, (200,))] + items[:6]
-    assert [len(b.metas) for b in plan_buckets(big, 1024, ramp_start=16)] == [1, 4, 2]
+    planned = [[m.name for m in b.metas] for b in plan_buckets(big, 1024, ramp_start=16)]
+    assert planned == [["t0"], ["big"], ["t1", "t2", "t3", "t4", "t5"]]
+    # bigger than every bucket: alone, once the ramp is over; nothing but big ones: order kept
+    huge = [Item("huge", 5000, (5000,))] + items[:8]
+    planned = [[m.name for m in b.metas] for b in plan_buckets(huge, 1024, ramp_start=16)]
+    assert planned == [["t0"], ["t1", "t2", "t3", "t4"], ["huge"], ["t5", "t6", "t7"]]
+    only_big = [Item("a", 300, (300,)), Item("b", 200, (200,))]
+    assert [[m.name for m in b.metas] for b in plan_buckets(only_big, 1024, ramp_start=16)] == [["a"], ["b"]]
 
 
 def test_packing_round_trips_bit_for_bit_across_dtypes():
@@ -750,7 +758,8 @@ def test_vllm_transport_drives_the_four_phase_api(monkeypatch):
     transport.finish(7)
     assert [c[0] for c in calls] == ["init", "trainer_init", "start", "update", "finish", "reset"] or \
         [c[0] for c in calls] == ["trainer_init", "init", "start", "update", "finish", "reset"]
-    assert [n for n, _ in sent] == client.info["names"] == [it.name for it in source.items]
+    assert [n for n, _ in sent] == client.info["names"] == [m.name for plan in source.buckets for m in plan.metas]
+    assert sorted(client.info["names"]) == sorted(it.name for it in source.items)
     assert [str(t.dtype).removeprefix("torch.") for _, t in sent] == client.info["dtype_names"]
     params = dict(model.named_parameters())
     for name, t in sent:

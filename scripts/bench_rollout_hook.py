@@ -72,13 +72,17 @@ class Failed(Exception):
     pass
 
 
-def tail(path: str, n: int = 40) -> str:
+def tail(path: str, n: int = 25) -> str:
+    """The log's last lines before torchrun's own report of a failed rank (its traceback fills a
+    plain tail and hides the rank's last words), then that report's root-cause block."""
     try:
         with open(path, errors="replace") as f:
             lines = [line for line in f if "warn" not in line.lower()]
     except OSError:
         return f"(no log at {path})\n"
-    return "".join(lines[-n:])
+    agent = next((i for i, line in enumerate(lines) if "elastic/multiprocessing/api.py" in line), len(lines))
+    root = next((i for i, line in enumerate(lines) if line.startswith("Root Cause")), None)
+    return "".join(lines[max(agent - n, 0):agent] + (lines[root:root + 8] if root is not None else []))
 
 
 def fail(message: str, log_path: str) -> None:

@@ -52,4 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter finalization once everything is closed (checkpoints saved
+    # synchronously, metric sinks and process groups closed): gloo's worker threads outlive
+    # destroy_process_group (FSDP holds the group), and one that still had to release a tensor
+    # when finalization began aborted a finished run ("terminate called without an active
+    # exception", exit -6; seen on a loaded 2-core CI box; pytorch/pytorch#190489).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

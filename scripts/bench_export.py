@@ -4,10 +4,12 @@
     python scripts/bench_export.py                      # the default table (needs 2 GPUs for nccl rows)
     python scripts/bench_export.py --transport nccl --model 7b --bucket_mb 256 --trainer_gpus 2 --engine_gpus 2
     python scripts/bench_export.py --transport gloo --model tiny   # CPU smoke test of the same path
+    python scripts/bench_export.py --transport gloo --model tiny-deep --repeats 9   # CPU: host time per tensor
 
-Each row spawns trainer ranks (FSDP2 over ``--trainer_gpus``, plain tensors with one; a
-Llama-shaped HF model in fp32 with random weights; ``train.py`` on one GPU holds one-rank DTensors,
-which take the same no-gather path) and reference receiver ranks
+Each row spawns trainer ranks (a Llama-shaped HF model in fp32 with random weights, FSDP2 over
+``--trainer_gpus`` as ``train.py`` shards it: one GPU is a one-rank mesh, whose DTensors the
+source reads without a gather but with their host overhead; ``--trainer_layout plain`` keeps
+plain tensors on one GPU, as the 1/1 rows of sessions 1-8 did) and reference receiver ranks
 (``recipe.rollout.receiver.LlamaTPEngine``, vLLM's TP layout, bf16, on the next GPUs for nccl or
 the trainer's GPUs for ipc). The trainer exports
 through the real ``rollout`` hook (gather → pack → transport → load_weights → ack) ``--repeats``
@@ -56,6 +58,7 @@ from recipe.net import free_port  # noqa: E402
 
 MODELS = {  # Llama shapes: hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (256, 2, 4, 4, 512, 1024),
+    "tiny-deep": (64, 24, 4, 4, 128, 256),  # 1.5b's 219 tensors, a few KiB each: fill-only s is host time
     "0.5b": (1024, 24, 16, 16, 2816, 32000),
     "1.5b": (2048, 24, 16, 16, 5632, 32000),
     "7b": (4096, 32, 32, 32, 11008, 32000),
@@ -102,7 +105,7 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
     cfg = llama_config(args.model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if args.trainer_gpus > 1:
+    if args.trainer_layout == "fsdp":
         mesh = init_device_mesh(device.type, (args.trainer_gpus,))
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
@@ -276,6 +279,9 @@ def main() -> None:
     ap.add_argument("--trainer_gpus", type=int, default=1)
     ap.add_argument("--engine_gpus", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--trainer_layout", choices=["fsdp", "plain"], default="fsdp",
+                    help="fsdp: FSDP2 over the trainer ranks, as train.py (one GPU: a one-rank mesh); "
+                         "plain: plain tensors, one trainer GPU only")
     ap.add_argument("--check", action="store_true", help="compare engine logits with the trainer's")
     ap.add_argument("--ramp_start", type=int, default=None,
                     help="first bucket = bucket_mb / ramp_start, growing 4x per bucket (default: the hook's, "
@@ -284,12 +290,15 @@ def main() -> None:
                     help="idle time between exports, as a training step gives in a real job (back to back, the "
                          "receivers may still be acknowledging the previous version when the next one starts)")
     args = ap.parse_args()
+    if args.trainer_layout == "plain" and (args.trainer_gpus != 1 or not args.transport):
+        ap.error("--trainer_layout plain needs --transport and --trainer_gpus 1")
     if args.transport:
         rows = [(args.transport, args.model, args.bucket_mb, args.trainer_gpus, args.engine_gpus)]
     else:
         rows = DEFAULT_ROWS
     print(f"torch {torch.__version__}, {torch.cuda.device_count()} GPU(s)"
-          + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""), flush=True)
+          + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "")
+          + f"; trainer layout {args.trainer_layout}", flush=True)
     header = ("| transport | model | params | sent GiB | buckets | bucket MiB | trainer/engine GPUs | export s "
               "| GiB/s | fill-only s | sender peak extra MiB | check |")
     lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]

@@ -7,8 +7,10 @@ Bad input (config keys, files, degrees) ends with one line on stderr and exit co
 ``--debug.traceback`` to see the full traceback instead.
 """
 
+import atexit
 import os
 import sys
+import threading
 
 from recipe.device import configure_device
 
@@ -51,14 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
-    # Leave without interpreter finalization once everything is closed (checkpoints saved
-    # synchronously, metric sinks and process groups closed): gloo's worker threads outlive
-    # destroy_process_group (FSDP holds the group), and one that still had to release a tensor
-    # when finalization began aborted a finished run ("terminate called without an active
-    # exception", exit -6; seen on a loaded 2-core CI box; pytorch/pytorch#190489).
-    logging.shutdown()
+def exit_without_finalizing(code: int) -> None:
+    """Exit as the interpreter would (non-daemon threads joined, atexit handlers run: log handlers,
+    compile workers, W&B; streams flushed), but skip its finalization, as multiprocessing ends its
+    children. gloo's worker threads outlive destroy_process_group (FSDP holds the group), and one
+    that still had a tensor to release when finalization began took the GIL then and aborted a
+    finished rank ("terminate called without an active exception", exit -6, seen on a loaded
+    2-core CI box; pytorch/pytorch#190489)."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_without_finalizing(main())

@@ -118,3 +118,23 @@ def test_train_py_reports_config_errors_in_one_line(tmp_path):
     )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing created for a job that never started
+
+
+def test_train_py_exits_like_the_interpreter_but_without_finalizing(tmp_path):
+    """train.py leaves through os._exit (see exit_without_finalizing): what a normal exit does
+    first must still happen: non-daemon threads finish, atexit handlers run, output is flushed,
+    and the exit code is main()'s."""
+    marker = tmp_path / "marker"
+    script = f"""
+import atexit, sys, threading, time
+sys.path.insert(0, {ROOT!r})
+from train import exit_without_finalizing
+atexit.register(lambda: open({str(marker)!r}, "a").write("atexit\\n"))
+threading.Thread(target=lambda: (time.sleep(0.5), open({str(marker)!r}, "a").write("thread\\n"))).start()
+sys.stdout.write("buffered, no newline")
+exit_without_finalizing(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.endswith("buffered, no newline")
+    assert marker.read_text() == "thread\natexit\n"

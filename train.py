@@ -7,10 +7,8 @@ Bad input (config keys, files, degrees) ends with one line on stderr and exit co
 ``--debug.traceback`` to see the full traceback instead.
 """
 
-import atexit
 import os
 import sys
-import threading
 
 from recipe.device import configure_device
 
@@ -22,6 +20,7 @@ from torchtitan.tools.logging import init_logger  # noqa: E402
 
 from recipe.config import parse_job_config  # noqa: E402
 from recipe.errors import UserError  # noqa: E402
+from recipe.shutdown import exit_without_finalizing  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,22 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
-
-def exit_without_finalizing(code: int) -> None:
-    """Exit as the interpreter would (non-daemon threads joined, atexit handlers run: log handlers,
-    compile workers, W&B; streams flushed), but skip its finalization, as multiprocessing ends its
-    children. gloo's worker threads outlive destroy_process_group (FSDP holds the group), and one
-    that still had a tensor to release when finalization began took the GIL then and aborted a
-    finished rank ("terminate called without an active exception", exit -6, seen on a loaded
-    2-core CI box; pytorch/pytorch#190489)."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.net import free_port  # noqa: E402
 from recipe.rollout.vllm_worker import TensorMeta, recv_obj, send_obj  # noqa: E402
+from recipe.shutdown import exit_without_finalizing  # noqa: E402
 
 # A 512 MiB bucket of the 1.5b benchmark model holds ~45 tensors.
 BUCKET_MSG = {"op": "bucket", "index": 0, "nbytes": 1 << 29, "tensors": [
@@ -111,3 +112,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalizing(0)  # see recipe/shutdown.py

@@ -57,6 +57,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from recipe.shutdown import exit_without_finalizing  # noqa: E402
+
 IMPLS = ("trainer", "bare", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
 DEFAULT_IMPLS = IMPLS[:4]  # bare-fsdp-dp on request: it needs several ranks
 BARE_PRECISION = {"bare": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp", "bare-fsdp-dp": "fsdp-dp"}
@@ -587,4 +589,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_finalizing(main() or 0)  # see recipe/shutdown.py

@@ -120,15 +120,15 @@ def test_train_py_reports_config_errors_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing created for a job that never started
 
 
-def test_train_py_exits_like_the_interpreter_but_without_finalizing(tmp_path):
-    """train.py leaves through os._exit (see exit_without_finalizing): what a normal exit does
-    first must still happen: non-daemon threads finish, atexit handlers run, output is flushed,
-    and the exit code is main()'s."""
+def test_entrypoints_exit_like_the_interpreter_but_without_finalizing(tmp_path):
+    """train.py and the torchrun scripts leave through os._exit (recipe/shutdown.py): what a
+    normal exit does first must still happen: non-daemon threads finish, atexit handlers run,
+    output is flushed, and the exit code is main()'s."""
     marker = tmp_path / "marker"
     script = f"""
 import atexit, sys, threading, time
 sys.path.insert(0, {ROOT!r})
-from train import exit_without_finalizing
+from recipe.shutdown import exit_without_finalizing
 atexit.register(lambda: open({str(marker)!r}, "a").write("atexit\\n"))
 threading.Thread(target=lambda: (time.sleep(0.5), open({str(marker)!r}, "a").write("thread\\n"))).start()
 sys.stdout.write("buffered, no newline")

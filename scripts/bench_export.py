@@ -22,14 +22,16 @@ time). Trainer (sending rank): ``start`` (connect check + start message), ``buff
 for a free bucket buffer: gloo/ipc on the host; nccl only queues a device-side wait), ``fill``
 (gather + cast + pack launch), ``send`` (data: the whole transfer for gloo, a launch for nccl;
 control message, sync + ack for ipc), ``agree`` (trainer ranks agreeing on the outcome),
-``finish`` (end message and the receivers' final ack, which comes once the last bucket is
-loaded, then the sender's own broadcasts). Receiver (engine rank 0): ``start lag`` (trainer's
+``finish`` (end message and the receivers' final ack, then the sender's own broadcasts; nccl
+receivers ack once every load is queued, ipc ones once the last bucket is loaded). Receiver (engine rank 0): ``start lag`` (trainer's
 start() to the receiver seeing it), ``first bucket`` (the trainer's start() to the receiver's
 host seeing bucket 0's bytes; nccl/gloo), ``arrivals`` (nccl: *device* time from bucket 0's bytes
 to the last bucket's, i.e. the wire with any gaps between buckets), ``wait`` (waiting for the
 trainer: a bucket's bytes for nccl/gloo, the next control message for ipc), ``data`` (posting a receive: for nccl only the
-launch), ``load`` (``load_weights``), ``finish`` (final sync + ack). For nccl most device time
-surfaces in the trainer's ``finish`` and the receiver's ``finish``.
+launch), ``load`` (``load_weights``), ``finish`` (ack + final sync), ``applied`` (the trainer's
+start() to the weights in place on this receiver: the engine-side end of the export, against the
+trainer-side ``export ms``). For nccl most device time surfaces in the trainer's ``finish`` and
+the receiver's ``finish``.
 
 Exports run back to back by default: a receiver may then still be finishing the previous version's
 ack when the trainer starts the next one, which shows as ``start lag``. In a job a training step
@@ -65,7 +67,7 @@ MODELS = {  # Llama shapes: hidden, layers, heads, kv heads, intermediate, vocab
 }
 # Columns of the phase table: the hook's ``last_phases`` and the receiver's ``stats`` keys.
 PHASES = ["start", "buffer", "fill", "send", "agree", "finish"]
-RECV_PHASES = ["start_delay", "first_bucket", "arrivals", "wait", "data", "load", "finish"]
+RECV_PHASES = ["start_delay", "first_bucket", "arrivals", "wait", "data", "load", "finish", "applied"]
 DEFAULT_ROWS = [  # transport, model, bucket MiB, trainer GPUs, engine GPUs
     ("ipc", "tiny", 64, 1, 1), ("nccl", "tiny", 64, 1, 1),
     ("nccl", "1.5b", 64, 1, 1), ("nccl", "1.5b", 256, 1, 1), ("nccl", "1.5b", 1024, 1, 1),

@@ -318,10 +318,9 @@ class NcclTransport(GroupTransport):
         self.works[slot] = work
 
     def _end(self, msg: dict, ok: bool) -> bool:
-        # The receivers acknowledge after their last bucket arrived, so once the final agree is
-        # through the broadcasts are done too; waiting for them first put a host poll and a
-        # sequential round trip on the export's critical path. After a failure nothing waits for
-        # them: close() aborts the communicator.
+        # The receivers ack once every load is queued (often before the last bytes are in), so the
+        # export ends when our own broadcasts complete: one bounded host poll, after the agree.
+        # After a failure nothing waits for them: close() aborts the communicator.
         try:
             ok = super()._end(msg, ok)
             works = [w for w in self.works if w is not None]

@@ -472,8 +472,10 @@ def test_a_trainer_that_dies_or_fails_mid_version_over_separate_processes(transp
     """A trainer process that dies after two buckets: the receiver gives the version up at once,
     not after its 60 s timeout (with nccl its buckets' receives are all posted and would wait for
     the timeout, but the end message's receive, posted on the gloo group, fails when the socket
-    closes). One that fails before bucket 2 and aborts: the receiver loads buckets 0-1 only
-    (the rest arrive unfilled). Then the next trainer's version is applied whole, bit for bit."""
+    closes). One that fails before bucket 2 and aborts: the version is rejected; with gloo the
+    receiver loaded buckets 0-1 only (the trailers of the rest say unfilled; nccl receivers queue
+    loads ahead of the bytes and trust the end message instead). Then the next trainer's version
+    is applied whole, bit for bit."""
     from tests.rollout.export_trainer import tiny_llama_source
 
     port = free_port()
@@ -482,7 +484,8 @@ def test_a_trainer_that_dies_or_fails_mid_version_over_separate_processes(transp
         torch.cuda.set_device(1)
     endpoint = ReceiverEndpoint("127.0.0.1", port, 1, 2, backend=transport, timeout_s=60, device=device)
     got, gave_up = {}, []
-    server, applied = serve_in_thread(endpoint, lambda ws: got.update({n: w.cpu().clone() for n, w in ws}),
+    # clone on the device: with nccl, load_weights runs before the bytes are in (no host reads)
+    server, applied = serve_in_thread(endpoint, lambda ws: got.update({n: w.clone() for n, w in ws}),
                                       start=lambda v: got.clear(), abort=lambda v: gave_up.append(time.monotonic()))
 
     def trainer(version, *extra):
@@ -503,10 +506,12 @@ def test_a_trainer_that_dies_or_fails_mid_version_over_separate_processes(transp
         assert trainer(1, "--die_before", "2").returncode == 3
         exited = time.monotonic()
         assert wait_gave_up(1) - exited < 10
-        assert set(got) <= first_two
+        if transport == "gloo":
+            assert set(got) <= first_two
         assert trainer(2, "--abort_before", "2").returncode == 4
         wait_gave_up(2)
-        assert set(got) == first_two
+        if transport == "gloo":
+            assert set(got) == first_two
         assert trainer(3).returncode == 0
         server.join(30)
     finally:
@@ -518,7 +523,7 @@ def test_a_trainer_that_dies_or_fails_mid_version_over_separate_processes(transp
         buf = torch.empty(plan.nbytes, dtype=torch.uint8)
         source.fill(plan, buf)
         for name, want in unpack(buf, plan.metas):
-            assert torch.equal(got.pop(name), want), name
+            assert torch.equal(got.pop(name).cpu(), want), name
     assert not got
 
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from recipe.rollout.adapters import ExportAdapter, ExportItem, clean_name
-from recipe.rollout.vllm_worker import TensorMeta, align, dtype_name
+from recipe.rollout.vllm_worker import TensorMeta, align, dtype_name, packed_view
 
 # Bucket i holds at most bucket_bytes * RAMP_GROWTH**i / RAMP_START (capped at bucket_bytes); 1 = no ramp.
 RAMP_START = 16
@@ -291,20 +291,21 @@ class WeightSource:
         the other ranks are never left waiting in one."""
         gathered = self.gather_rows(plan, keep=out is not None)
         error = None
+        typed: dict = {}  # dtype views of ``out`` (packed_view)
         for item, meta in plan.entries:
             sources = [self._source(name, item.dtype, gathered) for name in item.sources]
             if out is None or error is not None:
                 continue
             try:
-                self._pack(item, meta, sources, out)
+                self._pack(item, meta, sources, out, typed)
             except Exception as e:  # noqa: BLE001 - re-raised below
                 error = e
         if error is not None:
             raise error
 
     @staticmethod
-    def _pack(item: ExportItem, meta: TensorMeta, sources: list, out: torch.Tensor) -> None:
-        dst = out[meta.offset:meta.offset + meta.nbytes].view(item.dtype).view(meta.shape)
+    def _pack(item: ExportItem, meta: TensorMeta, sources: list, out: torch.Tensor, typed: dict) -> None:
+        dst = packed_view(out, meta, typed)
         if item.combine is None:  # straight into the bucket; the cast happens in this copy
             (source,) = sources
             if tuple(source.shape) != meta.shape:

@@ -131,11 +131,33 @@ def plan_from_wire(wire: list) -> list[tuple[int, list["TensorMeta"]]]:
     return [(int(nbytes), [TensorMeta.from_wire(t) for t in tensors]) for nbytes, tensors in wire]
 
 
+def packed_view(buffer: torch.Tensor, meta: TensorMeta, typed: dict) -> torch.Tensor:
+    """The tensor ``meta`` places in the uint8 ``buffer``, as a view. One ``as_strided`` on a view
+    of the whole buffer per dtype (cached in ``typed``, one dict per buffer) instead of a slice and
+    two views: a third of the host time, paid per tensor on both ends of every export (219 tensors
+    for a ~1B Llama). Offsets are ALIGN-aligned, so every dtype view of the buffer lines up."""
+    dtype = dtype_from_name(meta.dtype)
+    flat = typed.get(dtype)
+    if flat is None:
+        flat = typed[dtype] = buffer[:buffer.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
+    numel = 1
+    for d in meta.shape:
+        numel *= d
+    if numel * dtype.itemsize != meta.nbytes or meta.offset + meta.nbytes > buffer.numel() or meta.offset % ALIGN:
+        raise ValueError(f"{meta.name}: {meta.shape} {meta.dtype} at byte {meta.offset} ({meta.nbytes} bytes) does "
+                         f"not fit a {buffer.numel()}-byte bucket")
+    strides, stride = [], 1
+    for d in reversed(meta.shape):
+        strides.append(stride)
+        stride *= d
+    return flat.as_strided(meta.shape, strides[::-1], flat.storage_offset() + meta.offset // dtype.itemsize)
+
+
 def unpack(buffer: torch.Tensor, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
     """Views of the tensors packed in ``buffer`` (no copy): what ``load_weights`` receives."""
+    typed: dict = {}
     for m in metas:
-        view = buffer[m.offset:m.offset + m.nbytes].view(dtype_from_name(m.dtype))
-        yield m.name, view.view(m.shape)
+        yield m.name, packed_view(buffer, m, typed)
 
 
 # --------------------------------------------------------------------------- control channel

@@ -86,10 +86,10 @@ def main() -> None:
     if args.pack_errors:
         pack = WeightSource._pack
 
-        def failing(item, meta, sources, out):
+        def failing(item, meta, *rest):
             if meta.offset == 0:  # the first tensor of each bucket
                 raise RuntimeError("injected packing error")
-            pack(item, meta, sources, out)
+            pack(item, meta, *rest)
 
         # One bucket for the whole model: gathers follow the tensor whose packing fails.
         failing_source = WeightSource(model, adapter, 1 << 20, ramp_start=1)

@@ -33,3 +33,12 @@ def test_plain_layout_needs_one_trainer_rank():
     out = subprocess.run([sys.executable, "scripts/bench_export.py", "--transport", "gloo", "--trainer_layout",
                           "plain", "--trainer_gpus", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--trainer_layout plain needs" in out.stderr
+
+
+def test_bench_pack_prints_host_time_per_tensor():
+    out = subprocess.run([sys.executable, "scripts/bench_pack.py", "--model", "tiny-deep", "--repeats", "3"], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (row,) = [line for line in out.stdout.splitlines() if line.startswith("| tiny-deep |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "219" and float(cells[3]) > 0 and float(cells[4]) > 0, row

@@ -527,6 +527,39 @@ def test_a_trainer_that_dies_or_fails_mid_version_over_separate_processes(transp
     assert not got
 
 
+def test_packed_views_are_the_bytes_at_their_offsets_in_any_dtype_and_refuse_what_does_not_fit():
+    """unpack/packed_view use one as_strided per tensor on a per-dtype view of the bucket: each
+    view must be exactly the slice-and-view of its bytes, also in a buffer that starts inside a
+    larger allocation (IPC handles map such buffers); a tensor that would not fit is refused."""
+    from recipe.rollout.vllm_worker import TensorMeta, align, packed_view
+
+    tensors = [("a", torch.randn(3, 5).to(torch.bfloat16)), ("b", torch.randn(7)), ("c", torch.tensor(3.5)),
+               ("d", torch.arange(6, dtype=torch.int64).view(2, 3)), ("e", torch.randn(2, 0)),
+               ("f", torch.randn(4, 2, 3).to(torch.float16))]
+    metas, end = [], 0
+    for name, t in tensors:
+        offset = align(end)
+        metas.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset,
+                                t.numel() * t.element_size()))
+        end = offset + metas[-1].nbytes
+    backing = torch.zeros(3 * ALIGN + align(end) + 8, dtype=torch.uint8)
+    buffer = backing[3 * ALIGN:3 * ALIGN + align(end) + 8]  # storage offset 192 bytes
+    for (name, t), m in zip(tensors, metas):
+        buffer[m.offset:m.offset + m.nbytes].view(t.dtype).view(t.shape).copy_(t)
+    got = dict(unpack(buffer, metas))
+    for (name, t), m in zip(tensors, metas):
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+        assert got[name].is_contiguous(), name
+        assert t.numel() == 0 or got[name].data_ptr() == buffer.data_ptr() + m.offset, name  # empty: data_ptr 0
+    got["b"].fill_(1.0)  # a view, not a copy
+    assert torch.equal(buffer[metas[1].offset:metas[1].offset + 28].view(torch.float32), torch.ones(7))
+    bad = [TensorMeta("past_end", "float32", (100,), 0, 400), TensorMeta("short", "float32", (7,), 0, 24),
+           TensorMeta("unaligned", "float32", (2,), 4, 8)]
+    for m in bad:
+        with pytest.raises(ValueError, match=m.name):
+            packed_view(buffer, m, {})
+
+
 def test_control_messages_round_trip_in_one_frame_or_with_a_tail():
     from recipe.rollout.vllm_worker import _FRAME, recv_hello, recv_obj, send_hello, send_obj
 

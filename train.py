@@ -9,6 +9,7 @@ Bad input (config keys, files, degrees) ends with one line on stderr and exit co
 
 import os
 import sys
+import time
 
 from recipe.device import configure_device
 
@@ -21,6 +22,10 @@ from torchtitan.tools.logging import init_logger  # noqa: E402
 from recipe.config import parse_job_config  # noqa: E402
 from recipe.errors import UserError  # noqa: E402
 from recipe.shutdown import exit_without_finalizing  # noqa: E402
+
+
+# How long a rank other than 0 waits before exiting on bad input (see main).
+USER_ERROR_GRACE_S = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"flare: error: {e}", file=sys.stderr)
+        else:
+            # Every rank finds the same bad input and rank 0 says why. torchrun stops the other
+            # ranks as soon as one exits, so a rank that got here first used to cut rank 0 off
+            # before its line (seen under load: 4 ranks on 2 cores). Rank 0 goes first.
+            time.sleep(USER_ERROR_GRACE_S)
         return 2
     finally:
         if trainer is not None:

@@ -120,6 +120,23 @@ def test_train_py_reports_config_errors_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing created for a job that never started
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_on_bad_input_rank_0_speaks_and_the_other_ranks_leave_after_it(rank, monkeypatch, capsys):
+    """torchrun stops every rank once one exits: the others must not exit before rank 0 has said
+    what is wrong (its line was lost when a faster rank left first)."""
+    import train
+
+    slept = []
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(train.time, "sleep", slept.append)
+    assert train.main(["--job.config_file", "configs/debug.toml", "--training.stepz", "2"]) == 2
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert "flare: error: --training.stepz: unknown option" in err and slept == []
+    else:
+        assert "flare: error" not in err and slept == [train.USER_ERROR_GRACE_S]
+
+
 def test_entrypoints_exit_like_the_interpreter_but_without_finalizing(tmp_path):
     """train.py and the torchrun scripts leave through os._exit (recipe/shutdown.py): what a
     normal exit does first must still happen: non-daemon threads finish, atexit handlers run,

@@ -246,8 +246,8 @@ class GroupTransport(Transport):
             raise TransportError(f"a receiver rejected version {version} (see the receiver's log)")
 
     def abort(self, reason: str) -> None:
-        """Drop the partial version: receivers get the rest of the plan unfilled, load none of it,
-        and reject the version with us. Skipped when the groups are broken (close() follows)."""
+        """Drop the partial version: receivers get the rest of the plan unfilled (gloo receivers
+        load none of it; nccl ones may have queued loads of it) and reject the version with us. Skipped when the groups are broken (close() follows)."""
         if self.ctl is not None and self.in_version and not self.broken:
             try:
                 self._end({"op": "abort", "reason": reason[:1000]}, False)

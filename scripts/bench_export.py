@@ -27,7 +27,7 @@ receivers ack once every load is queued, ipc ones once the last bucket is loaded
 start() to the receiver seeing it), ``first bucket`` (the trainer's start() to the receiver's
 host seeing bucket 0's bytes; nccl/gloo), ``arrivals`` (nccl: *device* time from bucket 0's bytes
 to the last bucket's, i.e. the wire with any gaps between buckets), ``wait`` (waiting for the
-trainer: a bucket's bytes for nccl/gloo, the next control message for ipc), ``data`` (posting a receive: for nccl only the
+trainer: a bucket's bytes for gloo, the end message for nccl, the next control message for ipc), ``data`` (posting a receive: for nccl only the
 launch), ``load`` (``load_weights``), ``finish`` (ack + final sync), ``applied`` (the trainer's
 start() to the weights in place on this receiver: the engine-side end of the export, against the
 trainer-side ``export ms``). For nccl most device time surfaces in the trainer's ``finish`` and

@@ -768,8 +768,9 @@ class ReceiverEndpoint:
         return index, slot, buffer, nbytes, metas, arrived
 
     def _load(self, received: tuple | None, load_weights, error, tag: int, end):
-        """``load_weights`` on a received bucket that was filled for this version (skipped after
-        an error in this version: the remaining buckets are only received, to stay in step)."""
+        """``load_weights`` on a received bucket (gloo: once its trailer names this version; nccl:
+        queued behind its bytes). Skipped after an error in this version: the remaining buckets
+        are only received, to stay in step."""
         if received is None or error is not None:
             return error
         index, slot, buffer, nbytes, metas, arrived = received

@@ -30,7 +30,8 @@ USER_ERROR_GRACE_S = 5.0
 
 def main(argv: list[str] | None = None) -> int:
     init_logger()
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the job
     args = sys.argv[1:] if argv is None else argv
     show_traceback = any(a.startswith("--debug.traceback") and not a.endswith(("false", "0")) for a in args)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if show_traceback:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print(f"flare: error: {e}", file=sys.stderr)
         else:
             # Every rank finds the same bad input and rank 0 says why. torchrun stops the other

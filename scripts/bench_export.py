@@ -23,14 +23,15 @@ for a free bucket buffer: gloo/ipc on the host; nccl only queues a device-side w
 (gather + cast + pack launch), ``send`` (data: the whole transfer for gloo, a launch for nccl;
 control message, sync + ack for ipc), ``agree`` (trainer ranks agreeing on the outcome),
 ``finish`` (end message and the receivers' final ack, then the sender's own broadcasts; nccl
-receivers ack once every load is queued, ipc ones once the last bucket is loaded). Receiver (engine rank 0): ``start lag`` (trainer's
-start() to the receiver seeing it), ``first bucket`` (the trainer's start() to the receiver's
-host seeing bucket 0's bytes; nccl/gloo), ``arrivals`` (nccl: *device* time from bucket 0's bytes
-to the last bucket's, i.e. the wire with any gaps between buckets), ``wait`` (waiting for the
-trainer: a bucket's bytes for gloo, the end message for nccl, the next control message for ipc), ``data`` (posting a receive: for nccl only the
-launch), ``load`` (``load_weights``), ``finish`` (ack + final sync), ``applied`` (the trainer's
-start() to the weights in place on this receiver: the engine-side end of the export, against the
-trainer-side ``export ms``). For nccl most device time surfaces in the trainer's ``finish`` and
+receivers ack once every load is queued, ipc ones once the last bucket is loaded). Receiver
+(engine rank 0): ``start lag`` (trainer's start() to the receiver seeing it), ``first bucket``
+(the trainer's start() to bucket 0's bytes; nccl/gloo), ``arrivals`` (nccl: *device* time from
+bucket 0's bytes to the last bucket's, i.e. the wire with any gaps between buckets), ``wait``
+(waiting for the trainer: a bucket's bytes for gloo, the end message for nccl, the next control
+message for ipc), ``data`` (posting a receive: for nccl only the launch), ``load``
+(``load_weights``), ``finish`` (ack + final sync), ``applied`` (the trainer's start() to the
+weights in place on this receiver: the engine-side end of the export, against the trainer-side
+``export ms``). For nccl most device time surfaces in the trainer's ``finish`` and
 the receiver's ``finish``.
 
 Exports run back to back by default: a receiver may then still be finishing the previous version's

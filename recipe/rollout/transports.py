@@ -247,7 +247,8 @@ class GroupTransport(Transport):
 
     def abort(self, reason: str) -> None:
         """Drop the partial version: receivers get the rest of the plan unfilled (gloo receivers
-        load none of it; nccl ones may have queued loads of it) and reject the version with us. Skipped when the groups are broken (close() follows)."""
+        load none of it; nccl ones may have queued loads of it) and reject the version with us.
+        Skipped when the groups are broken (close() follows)."""
         if self.ctl is not None and self.in_version and not self.broken:
             try:
                 self._end({"op": "abort", "reason": reason[:1000]}, False)

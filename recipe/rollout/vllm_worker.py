@@ -25,10 +25,10 @@ Protocol (transfer group: the trainer's sending rank is rank 0, receivers are ra
   After the last bucket is queued the sender broadcasts an ``end`` message (every bucket was
   filled) or ``abort`` on the gloo control group. ``gloo`` receivers load a bucket once its bytes
   are in and the trailer matches. ``nccl`` receivers queue each bucket's loads behind its bytes
-  on the device as soon as its receive is posted (``load_weights`` must not read values on the
-  host: vLLM's only queues copies) and let the ``end`` message vouch for the trailers; they post
-  its receive at the start, so a trainer that dies mid-version fails it at once instead of
-  leaving them in an NCCL wait until the timeout.
+  on the device without waiting for them, one bucket behind the posted receives (``load_weights``
+  must not read values on the host: vLLM's only queues copies), and let the ``end`` message vouch
+  for the trailers; they post its receive at the start, so a trainer that dies mid-version fails
+  it at once instead of leaving them in an NCCL wait until the timeout.
 * ``ipc``: the per-bucket control message carries the bucket's tensor list and a CUDA IPC handle
   of the trainer's buffer, and each bucket is acknowledged (an all-reduce) so the trainer never
   overwrites a buffer a receiver is still reading; ``finish`` when a sender ends early, ``abort``.
@@ -613,9 +613,9 @@ class ReceiverEndpoint:
     def _receive_planned_version(self, version: int, plan, load_weights, error, finish) -> int | None:
         """nccl/gloo: post every bucket's receive from the plan, no control message per bucket.
 
-        nccl: each bucket's ``load_weights`` is called right after its receive is posted, on a
-        side stream that waits for the bytes on the device, so the host never waits for a bucket
-        and its per-tensor work (one copy launch each) runs ahead of the wire. Waiting for each
+        nccl: each bucket's ``load_weights`` is called once the next bucket's receive is posted,
+        on a side stream that waits for its bytes on the device, so the host never waits for a
+        bucket and its per-tensor work (one copy launch each) runs ahead of the wire. Waiting for each
         bucket's bytes to check its trailer first left the host idle early on and its loads late:
         the receiver's host, not the wire, then ended the export (~1 ms of ~10 ms for ~1B). The
         trainer's ``end`` message vouches for every bucket instead; a version that ends otherwise

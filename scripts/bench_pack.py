@@ -4,8 +4,9 @@
     python scripts/bench_pack.py --model 1.5b --device cuda   # GPU: copies queued, host time only
 
 Builds a Llama of ``scripts/bench_export.py``'s shapes, plans its export (bf16, 512 MiB buckets)
-and times, per tensor: ``unpack`` (the receiver's views before ``load_weights``) and
-``WeightSource.fill`` (the trainer's sources, views and casting copies). Medians over
+and times, per tensor: ``unpack`` (the receiver's views before ``load_weights``), ``load``
+(unpack plus the reference engine's ``load_weights``, one TP rank: the receiver's whole host path
+per bucket) and ``WeightSource.fill`` (the trainer's sources, views and casting copies). Medians over
 ``--repeats``; prints a header and one markdown table. For small tensors both are host time,
 which every export pays on its path (219 tensors for a ~1B Llama).
 """
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from recipe.rollout.adapters import get_export_adapter  # noqa: E402
+from recipe.rollout.receiver import build_engine  # noqa: E402
 from recipe.rollout.source import WeightSource  # noqa: E402
 from recipe.rollout.vllm_worker import unpack  # noqa: E402
 from scripts.bench_export import MODELS, llama_config  # noqa: E402
@@ -47,6 +49,7 @@ def main(argv=None) -> None:
     source = WeightSource(model, get_export_adapter(model.config, torch.bfloat16), int(args.bucket_mb * 2**20))
     buffers = [torch.empty(plan.nbytes + 64, dtype=torch.uint8, device=args.device) for plan in source.buckets]
     n = sum(len(plan.metas) for plan in source.buckets)
+    engine = build_engine(model.config, torch.bfloat16, 0, 1, None, args.device)
 
     def sync():
         if args.device.startswith("cuda"):
@@ -61,7 +64,10 @@ def main(argv=None) -> None:
         sync()
         return elapsed / n * 1e6
 
-    steps = {"unpack": lambda plan, buffer: list(unpack(buffer, plan.metas)), "fill": source.fill}
+    def load(plan, buffer):
+        engine.load_weights(list(unpack(buffer, plan.metas)))  # as the receiver calls it
+
+    steps = {"unpack": lambda plan, buffer: list(unpack(buffer, plan.metas)), "load": load, "fill": source.fill}
     medians = {}
     with torch.no_grad():
         for name, step in steps.items():
@@ -71,9 +77,10 @@ def main(argv=None) -> None:
     print(f"# bucket packing host time — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"device: {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
           f"command: python scripts/bench_pack.py {' '.join(sys.argv[1:])}")
-    print("| model | tensors | buckets | unpack µs/tensor | fill µs/tensor |")
-    print("|---|---|---|---|---|")
-    print(f"| {args.model} | {n} | {len(source.buckets)} | {medians['unpack']:.1f} | {medians['fill']:.1f} |")
+    print("| model | tensors | buckets | unpack µs/tensor | load µs/tensor | fill µs/tensor |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.model} | {n} | {len(source.buckets)} | {medians['unpack']:.1f} | {medians['load']:.1f} "
+          f"| {medians['fill']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,10 @@ class RolloutHook:
             # mid-version keeps filling without a buffer, so every rank runs the same gathers, and
             # the outcome is agreed once at the end.
             for plan in source.buckets:
+                # The bucket's all-gather is launched before waiting for a free buffer: it does
+                # not touch the buffer, so it overlaps the broadcast still reading it (nccl).
+                gathered = source.gather_rows(plan, keep=sender and error is None)  # collective
+                lap("fill")
                 buffer = None
                 if sender and error is None:  # may raise too (a failed broadcast surfaces here)
                     try:
@@ -146,11 +150,12 @@ class RolloutHook:
                         error = f"{type(e).__name__}: {e}"
                 lap("buffer")
                 try:
-                    source.fill(plan, buffer)  # collective on every rank
+                    source.pack(plan, gathered, buffer)  # collective on every rank
                 except Exception as e:  # noqa: BLE001 - packing failed on the sender, after the collectives
                     if buffer is None:
                         raise  # a failed collective: not an export error
                     error, buffer = f"{type(e).__name__}: {e}", None
+                gathered = None  # the gather buffer goes back before the next bucket's is allocated
                 lap("fill")
                 if buffer is not None:
                     error = self._attempt(self.transport.send, Bucket(plan.index, plan.metas, buffer, plan.nbytes))

@@ -158,10 +158,15 @@ class Gathered:
     shape: tuple[int, ...]
     chunk: int
 
+    @property
+    def padded(self) -> bool:
+        """Whether the rows do not split evenly (the last ranks' slots are partly empty)."""
+        return self.shape[0] != self.pieces.shape[0] * self.chunk
+
     def copy_to(self, dst: torch.Tensor) -> torch.Tensor:
         world, width = self.pieces.shape
         n = self.shape[0]
-        if n == world * self.chunk:  # no padding: one strided copy
+        if not self.padded:  # one strided copy
             dst.view(world, width).copy_(self.pieces)
             return dst
         rows_of = dst.view(n, -1)
@@ -255,10 +260,10 @@ class WeightSource:
             world = group.mesh.size(group.dim)
             locals_ = [self.params[slot.name].to_local() for slot in group.slots]  # no detach(): see _source
             send = torch.empty(group.nbytes, dtype=torch.uint8, device=locals_[0].device)
-            for slot, local in zip(group.slots, locals_):
-                if local.numel():  # cast into the send buffer
-                    send[slot.offset:slot.offset + local.numel() * slot.dtype.itemsize].view(slot.dtype).view(
-                        local.shape).copy_(local)
+            typed: dict = {}
+            copy_all([packed_view(send, TensorMeta(slot.name, dtype_name(slot.dtype), tuple(local.shape), slot.offset,
+                                                   local.numel() * slot.dtype.itemsize), typed)
+                      for slot, local in zip(group.slots, locals_)], locals_)  # cast into the send buffer
             recv = torch.empty(world * group.nbytes, dtype=torch.uint8, device=send.device)
             dist.all_gather_into_tensor(recv, send, group=group.mesh.get_group(group.dim))
             if keep:
@@ -289,31 +294,61 @@ class WeightSource:
         """Gather the bucket's parameters (on every rank) and, given ``out``, pack them into it.
         A packing error (only the sender packs) is raised after the bucket's last collective, so
         the other ranks are never left waiting in one."""
-        gathered = self.gather_rows(plan, keep=out is not None)
+        self.pack(plan, self.gather_rows(plan, keep=out is not None), out)
+
+    @torch.no_grad()
+    def pack(self, plan: BucketPlan, gathered: dict, out: torch.Tensor | None) -> None:
+        """``fill`` after ``gather_rows``: the rest of the bucket's collectives (``full_tensor()``
+        of the other layouts, every rank) and, given ``out``, the packing. Split from the gather
+        so a sender can wait for ``out`` to be free after launching the gather, not before."""
         error = None
         typed: dict = {}  # dtype views of ``out`` (packed_view)
+        copies: tuple[list, list] = ([], [])  # straight copies, launched together at the end
         for item, meta in plan.entries:
             sources = [self._source(name, item.dtype, gathered) for name in item.sources]
             if out is None or error is not None:
                 continue
             try:
-                self._pack(item, meta, sources, out, typed)
+                self._pack(item, meta, sources, out, typed, copies)
             except Exception as e:  # noqa: BLE001 - re-raised below
                 error = e
         if error is not None:
             raise error
+        copy_all(*copies)
 
     @staticmethod
-    def _pack(item: ExportItem, meta: TensorMeta, sources: list, out: torch.Tensor, typed: dict) -> None:
+    def _pack(item: ExportItem, meta: TensorMeta, sources: list, out: torch.Tensor, typed: dict,
+              copies: tuple[list, list]) -> None:
+        """Pack one item into ``out``: a straight copy is appended to ``copies`` (dst, src lists)."""
         dst = packed_view(out, meta, typed)
         if item.combine is None:  # straight into the bucket; the cast happens in this copy
             (source,) = sources
             if tuple(source.shape) != meta.shape:
                 raise RuntimeError(f"rollout: {item.name} is {tuple(source.shape)}, planned {meta.shape}")
-            source.copy_to(dst) if isinstance(source, Gathered) else dst.copy_(source)
+            if isinstance(source, Gathered):
+                if source.padded:
+                    source.copy_to(dst)
+                    return
+                dst, source = dst.view(source.pieces.shape), source.pieces
+            copies[0].append(dst)
+            copies[1].append(source)
             return
         tensor = item.build([s.full() if isinstance(s, Gathered) else s.to(item.dtype) for s in sources])
         if tuple(tensor.shape) != meta.shape or tensor.dtype != item.dtype:
             raise RuntimeError(f"rollout: {item.name} came out {tuple(tensor.shape)} {tensor.dtype}, "
                                f"planned {meta.shape} {item.dtype}")
         dst.copy_(tensor)
+
+
+def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dst.copy_(src)`` for each pair (casting), one ``_foreach_copy_`` per (dst, src) dtype pair:
+    on CUDA one multi-tensor kernel for same-layout pairs, else a loop in C++. A bucket holds ~30
+    tensors of a ~1B model; a launch each from Python was most of the sender's host time."""
+    by_dtypes: dict[tuple, tuple[list, list]] = {}
+    for dst, src in zip(dsts, srcs):
+        if dst.numel():
+            pair = by_dtypes.setdefault((dst.dtype, src.dtype), ([], []))
+            pair[0].append(dst)
+            pair[1].append(src)
+    for dst_list, src_list in by_dtypes.values():
+        torch._foreach_copy_(dst_list, src_list)

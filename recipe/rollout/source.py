@@ -9,14 +9,16 @@ How a parameter reaches the bucket depends on its layout:
 - held whole by this rank (a plain tensor; FSDP on one GPU; HSDP with a shard group of one): read
   from the local tensor, cast in the packing copy. No collective, no DTensor dispatch.
 - split by rows (``Shard(0)`` over one mesh dimension, whole across the others: FSDP, HSDP, a TP
-  column-parallel weight): all such parameters of a bucket travel in **one**
-  ``all_gather_into_tensor``, each rank's rows cast to the engine dtype into a flat send buffer, as
-  FSDP gathers its own units. One ``full_tensor()`` per parameter costs a collective launch plus
-  ~0.1-0.3 ms of DTensor dispatch each, several times the transfer itself for a ~1B model.
+  column-parallel weight): all such parameters of a bucket travel in **one** gather to the
+  sending rank (a batch of sends and receives), each rank's rows cast to the engine dtype into a
+  flat send buffer, as FSDP gathers its own units. One ``full_tensor()`` per parameter costs a
+  collective launch plus ~0.1-0.3 ms of DTensor dispatch each, several times the transfer itself
+  for a ~1B model. Groups without the sender (HSDP's other replicas) skip the gather.
 - anything else (TP ``Shard(1)``, FSDP x TP, ``_StridedShard``): ``full_tensor()`` per parameter.
 
 Peak extra memory on the sender is the buffers in flight (the transport rotates at most two), one
-bucket's gather buffer (every rank) and the largest parameter gathered on its own.
+bucket's gather buffer and the largest parameter gathered on its own; on the other ranks, one
+bucket's share of the gather.
 
 Parameters are cast to the engine dtype *before* they are gathered (an elementwise cast of the
 shard), which halves the gather traffic for bf16 engines and gives the same bits as casting after.
@@ -191,11 +193,21 @@ class GatherSlot:
 
 
 @dataclass
-class GatherGroup:
-    """The row-split (FSDP-style) parameters of one bucket that share a mesh dimension: one all-gather."""
+class GatherRoute:
+    """Where the row-split parameters of one mesh dimension go: to the sending rank, when it is in
+    this rank's group along that dimension (else nobody in the group needs them)."""
 
-    mesh: object
-    dim: int
+    group: object  # the process group along the mesh dimension
+    ranks: list[int]  # its members' global ranks, by group rank
+    dst: int | None  # the sender's group rank; None: the sender is not in this group
+    me: int  # this rank's group rank
+
+
+@dataclass
+class GatherGroup:
+    """The row-split (FSDP-style) parameters of one bucket that share a mesh dimension: one gather."""
+
+    route: GatherRoute
     slots: list[GatherSlot]
     nbytes: int  # per rank
 
@@ -204,7 +216,8 @@ class WeightSource:
     """The export plan of one model; ``fill`` streams it bucket by bucket (collective)."""
 
     def __init__(self, model: torch.nn.Module, adapter: ExportAdapter, bucket_bytes: int,
-                 ramp_start: int | None = None):
+                 ramp_start: int | None = None, sender: int = 0):
+        self.sender = sender  # the global rank that packs and sends (the hook's rank 0)
         self.params = {clean_name(n): p for n, p in model.named_parameters()}
         self.items = adapter.plan({n: tuple(p.shape) for n, p in self.params.items()})
         self.buckets = plan_buckets(self.items, bucket_bytes, RAMP_START if ramp_start is None else ramp_start)
@@ -213,6 +226,7 @@ class WeightSource:
         # Layouts are fixed for the model's life: decide per parameter once, not per export.
         self.whole = {n for n, p in self.params.items() if held_whole(p) is not None}
         self.row_dims = self._row_split(self.params)
+        self.routes: dict[tuple, GatherRoute] = {}
         self.gathers = [self._plan_gathers(plan) for plan in self.buckets]
 
     @staticmethod
@@ -242,7 +256,10 @@ class WeightSource:
                     continue
                 seen.add((name, item.dtype))
                 p, dim = self.params[name], self.row_dims[name]
-                group = groups.setdefault((p.device_mesh, dim), GatherGroup(p.device_mesh, dim, [], 0))
+                key = (p.device_mesh, dim)
+                if key not in groups:
+                    groups[key] = GatherGroup(self._route(p.device_mesh, dim), [], 0)
+                group = groups[key]
                 shape = tuple(p.shape)
                 chunk, _ = chunk_rows(shape[0], p.device_mesh.size(dim), 0)
                 width = chunk * (p.numel() // shape[0]) if shape[0] else 0
@@ -251,23 +268,49 @@ class WeightSource:
                 group.nbytes = align(offset + width * item.dtype.itemsize)
         return list(groups.values())
 
+    def _route(self, mesh, dim: int) -> GatherRoute:
+        if (mesh, dim) not in self.routes:
+            group = mesh.get_group(dim)
+            ranks = dist.get_process_group_ranks(group)
+            self.routes[(mesh, dim)] = GatherRoute(group, ranks, ranks.index(self.sender) if self.sender in ranks
+                                                   else None, ranks.index(dist.get_rank()))
+        return self.routes[(mesh, dim)]
+
     @torch.no_grad()
     def gather_rows(self, plan: BucketPlan, keep: bool) -> dict[tuple[str, torch.dtype], Gathered]:
-        """One all-gather per mesh group for the bucket's row-split parameters (see the module
-        docstring); with ``keep`` their gathered views by (name, dtype), else an empty dict."""
+        """One gather to the sender per mesh group for the bucket's row-split parameters (see the
+        module docstring); with ``keep`` (the sender) their gathered views by (name, dtype), else
+        an empty dict. The sender receives every other rank's rows in one batch of receives and
+        casts its own in place; nobody else receives anything. An all-gather also sent the
+        sender's rows out, over the links its broadcast to the engine uses: on an H200 an
+        all-gather on GPUs 0-1 slowed a concurrent broadcast 0 -> 2 by half, a one-way gather
+        hardly at all."""
         out: dict[tuple[str, torch.dtype], Gathered] = {}
         for group in self.gathers[plan.index]:
-            world = group.mesh.size(group.dim)
+            route = group.route
+            if route.dst is None:  # the sender is not in this group: nobody here needs these rows
+                continue
+            world = len(route.ranks)
             locals_ = [self.params[slot.name].to_local() for slot in group.slots]  # no detach(): see _source
-            send = torch.empty(group.nbytes, dtype=torch.uint8, device=locals_[0].device)
+            device = locals_[0].device
+            rows = None
+            if route.me == route.dst:  # every rank's rows land here, this rank's own cast in place
+                rows = torch.empty(world * group.nbytes, dtype=torch.uint8, device=device).view(world, group.nbytes)
+                send = rows[route.me]
+            else:
+                send = torch.empty(group.nbytes, dtype=torch.uint8, device=device)
             typed: dict = {}
             copy_all([packed_view(send, TensorMeta(slot.name, dtype_name(slot.dtype), tuple(local.shape), slot.offset,
                                                    local.numel() * slot.dtype.itemsize), typed)
                       for slot, local in zip(group.slots, locals_)], locals_)  # cast into the send buffer
-            recv = torch.empty(world * group.nbytes, dtype=torch.uint8, device=send.device)
-            dist.all_gather_into_tensor(recv, send, group=group.mesh.get_group(group.dim))
-            if keep:
-                rows = recv.view(world, group.nbytes)
+            if rows is not None:
+                ops = [dist.P2POp(dist.irecv, rows[q], route.ranks[q], route.group)
+                       for q in range(world) if q != route.me]
+            else:
+                ops = [dist.P2POp(dist.isend, send, route.ranks[route.dst], route.group)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()  # NCCL: the current stream waits (the host does not)
+            if keep and rows is not None:
                 for slot in group.slots:
                     view = rows[:, slot.offset:slot.offset + slot.width * slot.dtype.itemsize].view(slot.dtype)
                     out[(slot.name, slot.dtype)] = Gathered(view, slot.shape, slot.chunk)

@@ -1,7 +1,7 @@
 """Pack a seeded tiny model's export buckets twice in each torchrun rank (gloo): from the plain
 model, then after sharding it over all ranks, with ``DTensor.full_tensor`` counting its calls.
-``--layout fsdp``: ``fully_shard`` per block and root; ``hsdp``: the same over a (1, world) mesh
-(replicate, shard). ``--layout mixed``: every matrix split by rows or by columns in turn, vectors
+``--layout fsdp``: ``fully_shard`` per block and root; ``hsdp``: the same over a (replicas,
+world / replicas) mesh (replicate, shard): with 2 replicas only rank 0's shard group gathers. ``--layout mixed``: every matrix split by rows or by columns in turn, vectors
 replicated, so one bucket mixes the batched all-gather, the per-parameter ``full_tensor()`` and
 local reads. Then, with ``--pack_errors``, one more pass (the model in one bucket) in which rank
 0's packing fails at the first tensor: ``fill`` must still run the bucket's remaining collectives
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true")
     ap.add_argument("--bucket_bytes", type=int, default=1 << 15)
     ap.add_argument("--layout", choices=["fsdp", "hsdp", "mixed"], default="fsdp")
+    ap.add_argument("--replicas", type=int, default=1, help="hsdp: replicate dimension (the rest shards)")
     ap.add_argument("--pack_errors", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -60,7 +61,8 @@ def main() -> None:
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if args.layout == "hsdp":
-        mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh("cpu", (args.replicas, dist.get_world_size() // args.replicas),
+                                mesh_dim_names=("replicate", "shard"))
     if args.layout in ("fsdp", "hsdp"):
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)

@@ -668,15 +668,18 @@ def test_fsdp_on_one_rank_packs_the_local_tensors_without_a_gather(single_proces
     ("configs/tiny/gated_deltanet.json", {"num_heads": 3, "vocab_size": 509}, []),
     # HSDP over a (1, 2) mesh: the shard dimension's group
     ("configs/tiny/llama.json", {"vocab_size": 509}, ["--layout", "hsdp"]),
+    # HSDP over a (2, 2) mesh (4 ranks): the other replica's shard group, without the sender, skips
+    ("configs/tiny/llama.json", {"vocab_size": 509}, ["--layout", "hsdp", "--replicas", "2"]),
     # rows, columns and replicated in one bucket: the batched gather, full_tensor() and local reads;
     # then packing errors on the sender, which must not leave the other rank in a collective
     ("configs/tiny/llama.json", {"vocab_size": 509}, ["--layout", "mixed", "--pack_errors"]),
-], ids=["llama-fused", "gated_deltanet", "hsdp", "mixed-layouts"])
+], ids=["llama-fused", "gated_deltanet", "hsdp", "hsdp-2-replicas", "mixed-layouts"])
 def test_sharded_buckets_pack_the_same_bits_with_one_gather_per_bucket(tmp_path, config, overrides, extra):
-    """Sharded over 2 gloo ranks, every bucket packs exactly as from the unsharded model; row-split
-    (FSDP) parameters need no per-parameter ``full_tensor()`` (one all-gather per bucket)."""
+    """Sharded over 2 (or 4) gloo ranks, every bucket packs exactly as from the unsharded model;
+    row-split (FSDP) parameters need no per-parameter ``full_tensor()`` (one gather per bucket)."""
     out = tmp_path / "fill.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    nproc = 4 if "--replicas" in extra else 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(ROOT, "tests", "rollout", "fsdp_fill.py"), "--config", config,
            "--set", json.dumps(overrides), "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1",

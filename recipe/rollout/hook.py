@@ -51,9 +51,9 @@ def validate_rollout(job_config) -> None:
         # The non-sending ranks wait in a trainer collective while rank 0 waits on the engine.
         raise ConfigError(f"rollout.timeout_s={r.timeout_s} must be below comm.train_timeout_seconds={limit}, "
                           "or the other trainer ranks time out while rank 0 waits for the engine")
-    if r.placement == "colocated" and r.transport in ("gloo", "nccl"):
-        raise ConfigError(f"rollout.placement=colocated with transport={r.transport}: a colocated engine "
-                          "shares the GPU; use transport ipc (or vllm)")
+    if r.placement == "colocated" and r.transport == "nccl":
+        raise ConfigError("rollout.placement=colocated with transport=nccl: NCCL cannot join two processes "
+                          "on one GPU; use transport ipc (or vllm)")
     if r.placement == "disaggregated" and r.transport == "ipc":
         raise ConfigError("rollout.transport=ipc needs the engine on the same GPUs: set placement = colocated")
     if r.transport in ("nccl", "ipc", "vllm") and not torch.cuda.is_available():
@@ -107,6 +107,8 @@ class RolloutHook:
         So the ranks meet on the host (this group) before each bucket's gather and agree on it."""
         if self.host_group is None and self.cfg.placement == "colocated" and self.world > 1:
             self.host_group = dist.new_group(backend="gloo")  # every rank's first export: collective
+            if self.rank == 0:
+                logger.info(f"rollout: colocated engine, {self.world} trainer ranks: buckets in lockstep on the host")
         return self.host_group
 
     def _agree(self, ok: bool) -> bool:

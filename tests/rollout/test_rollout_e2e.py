@@ -143,9 +143,12 @@ def check_version(run, version, world, tp, exact_logits):
     return trainer
 
 
-def test_fsdp2_trainer_to_a_tp2_engine(run):
+@pytest.mark.parametrize("placement", ["disaggregated", "colocated"])
+def test_fsdp2_trainer_to_a_tp2_engine(run, placement):
+    """colocated: the trainer ranks meet on a gloo group before each bucket (RolloutHook._lockstep)."""
     receivers = run.receivers(LLAMA, 2, "a")
-    trainer = run.trainer(2, LLAMA, 4, 2, [2], "--rollout.engine_world_size", "2", "--rollout.engine_tp_size", "2")
+    trainer = run.trainer(2, LLAMA, 4, 2, [2], "--rollout.engine_world_size", "2", "--rollout.engine_tp_size", "2",
+                          "--rollout.placement", placement)
     run.wait_for("ready_a0", "ready_a1")
     run.open_gate(2)
     run.finish(trainer)
@@ -155,6 +158,7 @@ def test_fsdp2_trainer_to_a_tp2_engine(run):
     assert not torch.equal(before["params"]["lm_head.weight"], after["params"]["lm_head.weight"])  # it trained
     out = "".join(run.trainer_out)
     assert "rollout: exported version 2" in out and "rollout: exported version 4" in out
+    assert ("buckets in lockstep" in out) == (placement == "colocated")
 
 
 def test_fsdp2_x_tp2_trainer_to_a_tp1_engine(run):

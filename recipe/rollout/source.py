@@ -282,9 +282,9 @@ class WeightSource:
         module docstring); with ``keep`` (the sender) their gathered views by (name, dtype), else
         an empty dict. The sender receives every other rank's rows in one batch of receives and
         casts its own in place; nobody else receives anything. An all-gather also sent the
-        sender's rows out, over the links its broadcast to the engine uses: on an H200 an
-        all-gather on GPUs 0-1 slowed a concurrent broadcast 0 -> 2 by half, a one-way gather
-        hardly at all."""
+        sender's rows out, over the links its broadcast to the engine uses: on H200s a broadcast
+        0 -> 2 took 1.5-1.7x as long next to an all-gather on GPUs 0-1, 1.1-1.4x next to a send
+        1 -> 0 (scripts/bench_link_overlap.py)."""
         out: dict[tuple[str, torch.dtype], Gathered] = {}
         for group in self.gathers[plan.index]:
             route = group.route

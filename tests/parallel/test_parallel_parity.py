@@ -111,22 +111,23 @@ def _check(group, model, layout, record_property, **tolerances):
     return results[f"{model}/{layout}"]
 
 
+# Losses and the first step's gradients (identical weights) are held to the suite's bounds. After
+# AdamW's first update (about lr*sign(grad), which turns summation-order noise into weight
+# differences of lr) a few gradient elements drift past atol 1e-5: RetNet FSDP2xTP2, one v_proj
+# element of 8192 by 1.5e-5; on an AMD EPYC (AVX2) VM, HGRN2 TP2 and the fla transformer FSDP2xTP2,
+# 1-2 embedding elements of 32768 at step 2 by 1.7-1.9e-5, where earlier VMs passed. A wrong shard
+# or reduction shows at the size of the gradients themselves (max 0.05-0.16 for those embeddings).
+LATER_GRAD_TOL = (H.RTOL, 5e-5)
+
+
 @pytest.mark.parametrize("model,layout", JOBS2, ids=[f"{m}-{lay}" for m, lay in JOBS2])
 def test_two_ranks(two_ranks, model, layout, record_property):
-    _check(two_ranks, model, layout, record_property)
-
-
-# RetNet under FSDP2xTP2: losses and the first step's gradients within the suite's bounds; after
-# AdamW's first (about lr*sign(grad)) update one v_proj element of 8192 differed by 1.5e-5 (atol
-# 1e-5): summation-order noise moved by the update, as for fla's linear CE above. A wrong shard
-# or reduction shows at the size of the gradients themselves.
-LATER_GRAD_TOL_4 = {("retnet", "fsdp2_tp2"): (H.RTOL, 5e-5)}
+    _check(two_ranks, model, layout, record_property, later_grad_tol=LATER_GRAD_TOL)
 
 
 @pytest.mark.parametrize("model,layout", JOBS4, ids=[f"{m}-{lay}" for m, lay in JOBS4])
 def test_four_ranks(four_ranks, model, layout, record_property):
-    tol = LATER_GRAD_TOL_4.get((model, layout))
-    _check(four_ranks, model, layout, record_property, **({"later_grad_tol": tol} if tol else {}))
+    _check(four_ranks, model, layout, record_property, later_grad_tol=LATER_GRAD_TOL)
 
 
 @pytest.mark.parametrize("model,layout", [("gla", "fsdp2_cpu_offload")])

@@ -190,6 +190,7 @@ class GatherSlot:
     chunk: int  # rows per rank (torch.chunk sizes; the last ranks may hold fewer)
     width: int  # elements per rank's padded slot: chunk * row length
     offset: int  # bytes into each rank's part of the send buffer
+    local: TensorMeta  # this rank's rows in its send buffer (its local shape, cast)
 
 
 @dataclass
@@ -261,10 +262,12 @@ class WeightSource:
                     groups[key] = GatherGroup(self._route(p.device_mesh, dim), [], 0)
                 group = groups[key]
                 shape = tuple(p.shape)
-                chunk, _ = chunk_rows(shape[0], p.device_mesh.size(dim), 0)
-                width = chunk * (p.numel() // shape[0]) if shape[0] else 0
-                offset = align(group.nbytes)
-                group.slots.append(GatherSlot(name, item.dtype, shape, chunk, width, offset))
+                chunk, rows = chunk_rows(shape[0], p.device_mesh.size(dim), p.device_mesh.get_local_rank(dim))
+                row = p.numel() // shape[0] if shape[0] else 0
+                width, offset = chunk * row, align(group.nbytes)
+                local = TensorMeta(name, dtype_name(item.dtype), (rows, *shape[1:]), offset,
+                                   rows * row * item.dtype.itemsize)  # _row_split checked the local shape
+                group.slots.append(GatherSlot(name, item.dtype, shape, chunk, width, offset, local))
                 group.nbytes = align(offset + width * item.dtype.itemsize)
         return list(groups.values())
 
@@ -300,9 +303,7 @@ class WeightSource:
             else:
                 send = torch.empty(group.nbytes, dtype=torch.uint8, device=device)
             typed: dict = {}
-            copy_all([packed_view(send, TensorMeta(slot.name, dtype_name(slot.dtype), tuple(local.shape), slot.offset,
-                                                   local.numel() * slot.dtype.itemsize), typed)
-                      for slot, local in zip(group.slots, locals_)], locals_)  # cast into the send buffer
+            copy_all([packed_view(send, slot.local, typed) for slot in group.slots], locals_)  # cast into it
             if rows is not None:
                 ops = [dist.P2POp(dist.irecv, rows[q], route.ranks[q], route.group)
                        for q in range(world) if q != route.me]

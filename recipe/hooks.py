@@ -20,7 +20,7 @@ from recipe.errors import ConfigError
 _REGISTRY: dict[str, Callable] = {}
 
 # Hooks flare ships, imported on first use so that a job without them does not pay for them.
-_BUILTIN_MODULES = {"rollout": "recipe.rollout.hook"}
+_BUILTIN_MODULES = {"rollout": "recipe.rollout.trainer.hook"}
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Latency of the rollout control channel: what one per-bucket message costs a receiver.
 
 The rollout export's ``ipc`` transport sends one control message per bucket on a gloo group
-(``send_obj`` / ``recv_obj`` in ``recipe/rollout/vllm_worker.py``; ``nccl`` and ``gloo`` did too
+(``send_obj`` / ``recv_obj`` in ``recipe/rollout/protocol.py``; ``nccl`` and ``gloo`` did too
 until protocol 5), posted by the trainer without waiting. This
 measures how long a receiver's ``recv_obj`` takes when the message is already posted ("posted
 ahead") and in lock step ("ping-pong"), next to a raw 8-byte gloo broadcast and a TCPStore
@@ -27,7 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.net import free_port  # noqa: E402
-from recipe.rollout.vllm_worker import TensorMeta, recv_obj, send_obj  # noqa: E402
+from recipe.rollout.protocol import TensorMeta, recv_obj, send_obj  # noqa: E402
 from recipe.shutdown import exit_without_finalizing  # noqa: E402
 
 # A 512 MiB bucket of the 1.5b benchmark model holds ~45 tensors.

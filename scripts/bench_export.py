@@ -10,7 +10,7 @@ Each row spawns trainer ranks (a Llama-shaped HF model in fp32 with random weigh
 ``--trainer_gpus`` as ``train.py`` shards it: one GPU is a one-rank mesh, whose DTensors the
 source reads without a gather but with their host overhead; ``--trainer_layout plain`` keeps
 plain tensors on one GPU, as the 1/1 rows of sessions 1-8 did) and reference receiver ranks
-(``recipe.rollout.receiver.LlamaTPEngine``, vLLM's TP layout, bf16, on the next GPUs for nccl or
+(``recipe.rollout.engine.reference_receiver.LlamaTPEngine``, vLLM's TP layout, bf16, on the next GPUs for nccl or
 the trainer's GPUs for ipc). The trainer exports
 through the real ``rollout`` hook (gather → pack → transport → load_weights → ack) ``--repeats``
 times after a warm-up. ``fill s`` is the same gathers and packing with no transport: an export
@@ -95,7 +95,7 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from recipe.rollout.hook import RolloutHook
+    from recipe.rollout.trainer.hook import RolloutHook
 
     gpu = args.transport != "gloo"
     if gpu:
@@ -137,9 +137,9 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
                 raise
             time.sleep(0.2)
     if args.ramp_start is not None:
-        import recipe.rollout.source
+        import recipe.rollout.trainer.source
 
-        recipe.rollout.source.RAMP_START = args.ramp_start
+        recipe.rollout.trainer.source.RAMP_START = args.ramp_start
     source = hook._source(model)
 
     def sync():
@@ -200,8 +200,8 @@ def trainer(rank: int, args, port: int, store_port: int, out: str) -> None:
 def engine(rank: int, args, port: int, out: str) -> None:
     from datetime import timedelta
 
-    from recipe.rollout.receiver import LlamaTPEngine
-    from recipe.rollout.vllm_worker import ReceiverEndpoint, TrainerClosed
+    from recipe.rollout.engine.reference_receiver import LlamaTPEngine
+    from recipe.rollout.engine.endpoint import ReceiverEndpoint, TrainerClosed
 
     gpu = args.transport != "gloo"
     device = "cpu"
@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="compare engine logits with the trainer's")
     ap.add_argument("--ramp_start", type=int, default=None,
                     help="first bucket = bucket_mb / ramp_start, growing 4x per bucket (default: the hook's, "
-                         "recipe.rollout.source.RAMP_START; 1 = every bucket full size)")
+                         "recipe.rollout.trainer.source.RAMP_START; 1 = every bucket full size)")
     ap.add_argument("--gap_ms", type=float, default=0.0,
                     help="idle time between exports, as a training step gives in a real job (back to back, the "
                          "receivers may still be acknowledging the previous version when the next one starts)")

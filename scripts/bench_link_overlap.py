@@ -5,7 +5,7 @@
 Rank 0 stands for the sending trainer rank, rank 1 for its FSDP peer, rank 2 for the engine.
 Per bucket: a broadcast 0 -> 2 of the bucket, and the gather of the next bucket's shards between
 ranks 0 and 1 (each holds half), either as an all-gather (both ranks receive the other's half) or
-as one send 1 -> 0 (what ``recipe.rollout.source`` does). Prints the median time of ``--buckets``
+as one send 1 -> 0 (what ``recipe.rollout.trainer.source`` does). Prints the median time of ``--buckets``
 buckets for each pattern alone and for gather and broadcast issued together, as a markdown table.
 """
 

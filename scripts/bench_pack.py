@@ -26,10 +26,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from recipe.rollout.adapters import get_export_adapter  # noqa: E402
-from recipe.rollout.receiver import build_engine  # noqa: E402
-from recipe.rollout.source import WeightSource  # noqa: E402
-from recipe.rollout.vllm_worker import unpack  # noqa: E402
+from recipe.rollout.trainer.adapters import get_export_adapter  # noqa: E402
+from recipe.rollout.engine.reference_receiver import build_engine  # noqa: E402
+from recipe.rollout.trainer.source import WeightSource  # noqa: E402
+from recipe.rollout.protocol import unpack  # noqa: E402
 from scripts.bench_export import MODELS, llama_config  # noqa: E402
 
 

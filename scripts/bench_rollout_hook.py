@@ -14,7 +14,7 @@
 Run 1 (``no hook``) trains ``--steps`` steps on the synthetic corpus with the byte tokenizer, no
 checkpoints, metrics every step. Run 2 (``hook <transport>``) is the same command plus
 ``--hooks.post_step rollout --rollout.enable --rollout.interval 1`` exporting every step to
-``python -m recipe.rollout.receiver`` (the engine; started first, with a ready file). Both are one
+``python -m recipe.rollout.engine.reference_receiver`` (the engine; started first, with a ready file). Both are one
 torchrun job of ``--trainer-gpus`` ranks (default 1); ``--trainer-args`` adds train.py overrides to
 both runs.
 
@@ -131,7 +131,7 @@ def start_receiver(args, workdir: str, gpu: str | None) -> tuple[subprocess.Pope
     ready = os.path.join(workdir, f"receiver_{args.transport}.ready")
     if os.path.exists(ready):
         os.remove(ready)
-    cmd = [sys.executable, "-m", "recipe.rollout.receiver", "--model_config", args.model, "--tokenizer", "bytes",
+    cmd = [sys.executable, "-m", "recipe.rollout.engine.reference_receiver", "--model_config", args.model, "--tokenizer", "bytes",
            "--port", str(args.port), "--transport", args.transport, "--dtype", args.dtype,
            "--timeout_s", str(args.rollout_timeout), "--ready_file", ready]
     if gpu is not None:

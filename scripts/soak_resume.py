@@ -53,7 +53,7 @@ def start_receiver(args, log) -> subprocess.Popen | None:
     ready = os.path.join(tempfile.gettempdir(), f"flare-soak-receiver-{os.getpid()}")
     if os.path.exists(ready):
         os.remove(ready)
-    cmd = [sys.executable, "-m", "recipe.rollout.receiver", "--model_config", model, "--port",
+    cmd = [sys.executable, "-m", "recipe.rollout.engine.reference_receiver", "--model_config", model, "--port",
            str(args.rollout_port), "--transport", "gloo", "--dtype", "float32", "--timeout_s", "10",
            "--ready_file", ready]
     receiver = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

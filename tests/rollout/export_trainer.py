@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import torch
 
 from recipe.model import load_model_config
-from recipe.rollout.adapters import get_export_adapter
-from recipe.rollout.source import Bucket, WeightSource
-from recipe.rollout.transports import build_transport
+from recipe.rollout.trainer.adapters import get_export_adapter
+from recipe.rollout.trainer.source import Bucket, WeightSource
+from recipe.rollout.trainer.senders import build_transport
 from tests.rollout.seeded_model import materialized
 
 CONFIG = "configs/tiny/llama.json"

@@ -21,9 +21,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from recipe.model import load_model_config
-from recipe.rollout.adapters import get_export_adapter
-from recipe.rollout.source import WeightSource
-from recipe.rollout.vllm_worker import unpack
+from recipe.rollout.trainer.adapters import get_export_adapter
+from recipe.rollout.trainer.source import WeightSource
+from recipe.rollout.protocol import unpack
 from recipe.shutdown import exit_without_finalizing
 from tests.rollout.seeded_model import materialized
 

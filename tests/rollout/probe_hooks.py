@@ -13,8 +13,8 @@ import time
 import torch
 from torch.distributed.tensor import DTensor
 
-from recipe.rollout.adapters import clean_name
-from recipe.rollout.receiver import probe_batch
+from recipe.rollout.trainer.adapters import clean_name
+from recipe.rollout.engine.reference_receiver import probe_batch
 
 
 def _dir() -> str:

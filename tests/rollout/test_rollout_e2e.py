@@ -1,5 +1,5 @@
 """Rollout export end to end on CPU: ``train.py`` under torchrun (gloo) with the ``rollout`` hook,
-exporting to reference receiver processes (``python -m recipe.rollout.receiver``) that hold a
+exporting to reference receiver processes (``python -m recipe.rollout.engine.reference_receiver``) that hold a
 different tensor-parallel layout than the trainer.
 
 After every export, each receiver rank's parameters must equal the trainer's ``full_tensor()``
@@ -24,7 +24,7 @@ from recipe.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA = os.path.join(ROOT, "configs", "tiny", "llama.json")
-HOOKS = "tests.rollout.probe_hooks:Gate,recipe.rollout.hook:RolloutHook,tests.rollout.probe_hooks:Probe"
+HOOKS = "tests.rollout.probe_hooks:Gate,recipe.rollout.trainer.hook:RolloutHook,tests.rollout.probe_hooks:Probe"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,9 @@ class Run:
     def receivers(self, config, world, tag, *extra, dtype="float32", timeout_s=30):
         procs = []
         for r in range(world):
-            cmd = [sys.executable, "-m", "recipe.rollout.receiver", "--model_config", config,
+            module = "tests.rollout.faulty_receiver" if "--fail_version" in extra else \
+                "recipe.rollout.engine.reference_receiver"
+            cmd = [sys.executable, "-m", module, "--model_config", config,
                    "--port", str(self.port), "--rank", str(r), "--world_size", str(world), "--transport", "gloo",
                    "--dtype", dtype, "--timeout_s", str(timeout_s), "--dump_dir", self.tmp,
                    "--ready_file", os.path.join(self.tmp, f"ready_{tag}{r}"), *extra]

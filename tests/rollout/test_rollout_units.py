@@ -18,11 +18,13 @@ import torch.distributed as dist
 
 from recipe.model import build_model_on_meta, load_model_config
 from recipe.net import free_port
-from recipe.rollout.adapters import fuse_qkv, get_export_adapter, layer_order
-from recipe.rollout.receiver import HFEngine, LlamaTPEngine, probe_batch
-from recipe.rollout.source import Bucket, WeightSource, plan_buckets
-from recipe.rollout.transports import GroupTransport, TransportError, VLLMTransport
-from recipe.rollout.vllm_worker import ALIGN, ReceiverEndpoint, TrainerClosed, unpack
+from recipe.rollout.trainer.adapters import fuse_qkv, get_export_adapter, layer_order
+from recipe.rollout.engine.reference_receiver import HFEngine, LlamaTPEngine, probe_batch
+from recipe.rollout.trainer.source import Bucket, WeightSource, plan_buckets
+from recipe.rollout.trainer.senders import GroupTransport, TransportError
+from recipe.rollout.trainer.vllm_native import VLLMTransport
+from recipe.rollout.engine.endpoint import ReceiverEndpoint, TrainerClosed
+from recipe.rollout.protocol import ALIGN, unpack
 from tests.rollout.seeded_model import materialized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -277,7 +279,7 @@ def serve_in_thread(endpoint, load_weights, **callbacks):
 
 def send_buckets(transport, source, version, plans) -> None:
     """Start ``version`` and send ``plans`` (the caller finishes it)."""
-    from recipe.rollout.source import Bucket
+    from recipe.rollout.trainer.source import Bucket
 
     transport.init()
     transport.start(version, source.buckets)
@@ -531,7 +533,7 @@ def test_packed_views_are_the_bytes_at_their_offsets_in_any_dtype_and_refuse_wha
     """unpack/packed_view use one as_strided per tensor on a per-dtype view of the bucket: each
     view must be exactly the slice-and-view of its bytes, also in a buffer that starts inside a
     larger allocation (IPC handles map such buffers); a tensor that would not fit is refused."""
-    from recipe.rollout.vllm_worker import TensorMeta, align, packed_view
+    from recipe.rollout.protocol import TensorMeta, align, packed_view
 
     tensors = [("a", torch.randn(3, 5).to(torch.bfloat16)), ("b", torch.randn(7)), ("c", torch.tensor(3.5)),
                ("d", torch.arange(6, dtype=torch.int64).view(2, 3)), ("e", torch.randn(2, 0)),
@@ -561,7 +563,7 @@ def test_packed_views_are_the_bytes_at_their_offsets_in_any_dtype_and_refuse_wha
 
 
 def test_control_messages_round_trip_in_one_frame_or_with_a_tail():
-    from recipe.rollout.vllm_worker import _FRAME, recv_hello, recv_obj, send_hello, send_obj
+    from recipe.rollout.protocol import _FRAME, recv_hello, recv_obj, send_hello, send_obj
 
     store = dist.HashStore()  # thread-safe, unlike one TCPStore client shared by two threads
     messages = [{"op": "x"}, {"op": "big", "tensors": ["w" * 100] * (2 * _FRAME // 100)},
@@ -590,9 +592,9 @@ def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts(monkeypatch):
     period stretched to 30 s, a receiver that only polls (or sleeps a period through a start that
     raced its checks) wakes at least 30 s late; one woken by the watcher, far sooner. No speed
     bound: the margin is for a loaded CI machine."""
-    from recipe.rollout import vllm_worker
+    from recipe.rollout.engine import endpoint as endpoint_module
 
-    monkeypatch.setattr(vllm_worker, "_POLL_S", 30.0)
+    monkeypatch.setattr(endpoint_module, "_POLL_S", 30.0)
     endpoint = ReceiverEndpoint("127.0.0.1", free_port(), 1, 2, timeout_s=20)
     endpoint.gen = int(endpoint.store.add("flare/gen", 1))  # as if connected to generation 1
     lags = []
@@ -615,7 +617,7 @@ def test_an_idle_receiver_wakes_as_soon_as_the_trainer_starts(monkeypatch):
     watchers = [t for t in threading.enumerate() if t.name == "flare-watch-r1"]
     assert len(watchers) == 1, watchers  # one thread and store client for all versions
     # a deadline leaves the waiter in place for the next call; close() releases it
-    monkeypatch.setattr(vllm_worker, "_POLL_S", 0.05)  # the deadline is checked once per period
+    monkeypatch.setattr(endpoint_module, "_POLL_S", 0.05)  # the deadline is checked once per period
     assert endpoint._wait_start(deadline=time.monotonic() + 0.1) is None
     waiter = endpoint._waiter
     assert waiter is not None and not waiter[1].is_set()
@@ -704,7 +706,7 @@ def test_a_tensor_sharded_over_several_ranks_is_not_taken_as_whole():
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from recipe.rollout.source import held_whole
+    from recipe.rollout.trainer.source import held_whole
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
@@ -791,7 +793,7 @@ def test_vllm_transport_drives_the_four_phase_api(monkeypatch):
     transport = VLLMTransport(Cfg(engine_world_size=2), client=client)
     transport.init()
     transport.start(7, source.buckets)
-    from recipe.rollout.source import Bucket
+    from recipe.rollout.trainer.source import Bucket
     for plan in source.buckets:
         buf = transport.buffer(plan.nbytes)
         source.fill(plan, buf)
@@ -822,7 +824,7 @@ def test_a_start_landing_during_the_receivers_key_check_is_taken_without_a_poll_
     """The trainer's start may land right after the receiver's own key check came back empty: the
     watcher then has the message and the receiver must take it at once. Before, it read "watcher
     done" as "watcher failed" and slept a poll period (50 ms: one such export per run on GPUs)."""
-    import recipe.rollout.vllm_worker as vw
+    import recipe.rollout.engine.endpoint as vw
 
     endpoint = ReceiverEndpoint("127.0.0.1", free_port(), 1, 2, timeout_s=20)
     endpoint.gen = int(endpoint.store.add("flare/gen", 1))

@@ -7,7 +7,7 @@ the sender's outcome after each phase through a one-integer all-reduce on the tr
 so all ranks stop gathering at the same bucket and none is left in a collective.
 
 Enable with ``[rollout] enable = true`` and ``[hooks] post_step = ["rollout"]`` (or the dotted
-path ``recipe.rollout.hook:RolloutHook``).
+path ``recipe.rollout.trainer.hook:RolloutHook``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import torch.distributed as dist
 
 from recipe.errors import ConfigError, UserError
 from recipe.hooks import StepState, register_post_step_hook
-from recipe.rollout.adapters import get_export_adapter
-from recipe.rollout.source import Bucket, WeightSource
-from recipe.rollout.transports import build_transport
+from recipe.rollout.trainer.adapters import get_export_adapter
+from recipe.rollout.trainer.source import Bucket, WeightSource
+from recipe.rollout.trainer.senders import build_transport
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class RolloutExportError(UserError):
@@ -91,7 +91,7 @@ class RolloutHook:
 
     def _source(self, model) -> WeightSource:
         if self.source is None:  # names, shapes and dtypes are fixed: plan once
-            adapter = get_export_adapter(model.config, _DTYPES[self.cfg.dtype], engine_tp=self.cfg.engine_tp_size,
+            adapter = get_export_adapter(model.config, ROLLOUT_DTYPES[self.cfg.dtype], engine_tp=self.cfg.engine_tp_size,
                                          fused=self.cfg.fused_layout)
             self.source = WeightSource(model, adapter, max(int(self.cfg.bucket_mb * 2**20), 1))
         return self.source

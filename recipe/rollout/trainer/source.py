@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from recipe.rollout.adapters import ExportAdapter, ExportItem, clean_name
-from recipe.rollout.vllm_worker import TensorMeta, align, dtype_name, packed_view
+from recipe.rollout.trainer.adapters import ExportAdapter, ExportItem, clean_name
+from recipe.rollout.protocol import TensorMeta, align, dtype_name, packed_view
 
 # Bucket i holds at most bucket_bytes * RAMP_GROWTH**i / RAMP_START (capped at bucket_bytes); 1 = no ramp.
 RAMP_START = 16

@@ -2,7 +2,7 @@
 
 One process per engine rank (``--rank 0..world_size-1``, rank 0 hosts the rendezvous):
 
-    python -m recipe.rollout.receiver --model_config configs/tiny/llama.json \\
+    python -m recipe.rollout.engine.reference_receiver --model_config configs/tiny/llama.json \\
         --port 29650 --world_size 2 --tp_size 2 --transport gloo --dtype bfloat16
 
 For HF Llama/Qwen2/Qwen3 each rank holds its tensor-parallel shard in vLLM's layout: stacked
@@ -18,8 +18,8 @@ fla families (not served by vLLM) are held as the fla HF model itself, one full 
 
 Each version is checked for coverage: every engine parameter shard written exactly once.
 ``--dump_dir`` writes, per applied version, each rank's parameters and rank 0's logits on a fixed
-probe batch (``probe_batch``); ``--fail_version/--fail_bucket/--fail_mode`` inject a crash or a
-hang mid-transfer (used by the tests).
+probe batch (``probe_batch``). The tests wrap ``load_weights`` to inject faults
+(``tests/rollout/faulty_receiver.py``).
 """
 
 from recipe.device import configure_device
@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -39,8 +38,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from recipe.rollout.adapters import heads_per_rank, rank_heads  # noqa: E402
-from recipe.rollout.vllm_worker import ReceiverEndpoint, TrainerClosed  # noqa: E402
+from recipe.rollout.trainer.adapters import heads_per_rank, rank_heads  # noqa: E402
+from recipe.rollout.engine.endpoint import ReceiverEndpoint, TrainerClosed  # noqa: E402
 
 logger = logging.getLogger("flare.receiver")
 
@@ -310,7 +309,9 @@ def build_engine(config, dtype, tp_rank, tp_size, group, device="cpu"):
     return HFEngine(config, dtype, device)
 
 
-def main(argv=None) -> None:
+def main(argv=None, wrap_load=None) -> None:
+    """``wrap_load(load_weights, version_seen) -> load_weights`` lets a caller intercept every
+    bucket's load (``version_seen``: the version being received and its bucket count so far)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model_config", required=True)
     ap.add_argument("--tokenizer", default="bytes")
@@ -327,9 +328,6 @@ def main(argv=None) -> None:
     ap.add_argument("--probe_seed", type=int, default=0)
     ap.add_argument("--max_versions", type=int, default=0, help="exit after this many versions (0: serve)")
     ap.add_argument("--ready_file", default=None, help="touched once the rendezvous store listens")
-    ap.add_argument("--fail_version", type=int, default=None)
-    ap.add_argument("--fail_bucket", type=int, default=1)
-    ap.add_argument("--fail_mode", default="exit", choices=["exit", "hang"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[receiver {args.rank}] %(message)s")
     tp = args.tp_size or args.world_size
@@ -360,13 +358,10 @@ def main(argv=None) -> None:
 
     def load_weights(weights):
         version_seen["buckets"] += 1
-        if version_seen["v"] == args.fail_version and version_seen["buckets"] == args.fail_bucket + 1:
-            logger.warning(f"fault injection: {args.fail_mode} in bucket {args.fail_bucket} of version "
-                           f"{args.fail_version}")
-            if args.fail_mode == "exit":
-                os._exit(3)
-            os.kill(os.getpid(), signal.SIGSTOP)  # hang: alive but silent, as a wedged engine
         return engine.load_weights(weights)
+
+    if wrap_load is not None:
+        load_weights = wrap_load(load_weights, version_seen)
 
     def finish(version):
         engine.coverage.check()

@@ -1,4 +1,4 @@
-"""Transports: how the sending trainer rank moves buckets to the engine.
+"""flare's senders: how the sending trainer rank moves buckets to the engine (runs in the trainer).
 
 All share one small interface, used only on the sending rank (global rank 0):
 
@@ -10,10 +10,10 @@ All share one small interface, used only on the sending rank (global rank 0):
     finish(version)        raises unless every receiver applied the whole version
     close()
 
-``gloo``, ``nccl`` and ``ipc`` speak flare's protocol (``vllm_worker.py``) to flare receivers
+``gloo``, ``nccl`` and ``ipc`` speak flare's protocol (``recipe/rollout/protocol.py``) to flare receivers
 (the reference receiver or vLLM workers running ``FlareWorkerExtension``): rendezvous on the
-receivers' TCPStore and groups of their own, never the trainer's default group. ``vllm`` drives
-vLLM's native weight-transfer API instead (its NCCL engine and HTTP control routes).
+receivers' TCPStore and groups of their own, never the trainer's default group. ``vllm``
+(``vllm_native.py``) drives vLLM's native weight-transfer API instead.
 """
 
 from __future__ import annotations
@@ -22,19 +22,15 @@ import collections
 import hashlib
 import json
 import logging
-import queue
 import socket
-import threading
 import time
-import urllib.request
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from recipe.net import free_port
-from recipe.rollout.source import Bucket
-from recipe.rollout.vllm_worker import (
+from recipe.rollout.trainer.source import Bucket
+from recipe.rollout.protocol import (
     PROTOCOL_VERSION,
     agree,
     ipc_handle,
@@ -48,11 +44,6 @@ from recipe.rollout.vllm_worker import (
 )
 
 logger = logging.getLogger(__name__)
-
-# vLLM releases whose weight-transfer API (four-phase control plane + static NCCL trainer helpers)
-# the `vllm` transport is written against; see docs/rollout.md.
-VLLM_SUPPORTED = ">=0.25,<0.29"
-
 
 class TransportError(RuntimeError):
     """The transfer failed (receiver gone, timeout, rejected version); training continues."""
@@ -424,185 +415,15 @@ class IpcTransport(GroupTransport):
             self._release()
 
 
-# --------------------------------------------------------------------------- vLLM native API
-
-
-class VLLMHttpClient:
-    """vLLM's weight-sync control plane over its HTTP routes (``vllm serve`` with
-    ``VLLM_SERVER_DEV_MODE=1 --weight-transfer-config '{"backend": "nccl"}'``)."""
-
-    def __init__(self, base_url: str, timeout_s: float):
-        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
-
-    def _call(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.base_url}/{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
-            text = resp.read().decode()
-        return json.loads(text) if text else None
-
-    def get_world_size(self) -> int:
-        return int(self._call("GET", "get_world_size")["world_size"])
-
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._call("POST", "init_weight_transfer_engine", {"init_info": init_info})
-
-    def start_weight_update(self) -> None:
-        self._call("POST", "start_weight_update", {"is_checkpoint_format": True})
-
-    def update_weights(self, update_info: dict, timeout_s: float) -> None:
-        self._call("POST", "update_weights", {"update_info": update_info}, timeout_s=timeout_s)
-
-    def finish_weight_update(self) -> None:
-        self._call("POST", "finish_weight_update", {})
-
-    def reset_prefix_cache(self) -> None:
-        self._call("POST", "reset_prefix_cache")
-
-    def wake_up(self, tags: list[str]) -> None:
-        self._call("POST", "wake_up?" + "&".join(f"tags={t}" for t in tags))
-
-
-def _import_vllm_nccl():
-    try:
-        from vllm.distributed.weight_transfer.nccl_engine import (
-            NCCLTrainerSendWeightsArgs,
-            NCCLWeightTransferEngine,
-        )
-    except ImportError as e:
-        raise TransportError(f"rollout.transport='vllm' needs vllm{VLLM_SUPPORTED} installed in the trainer's "
-                             f"environment ({e})") from None
-    if not hasattr(NCCLWeightTransferEngine, "trainer_send_weights"):
-        raise TransportError(f"this vLLM has no NCCLWeightTransferEngine.trainer_send_weights; flare targets "
-                             f"vllm{VLLM_SUPPORTED} (see docs/rollout.md)")
-    return NCCLWeightTransferEngine, NCCLTrainerSendWeightsArgs
-
-
-def _local_ip_towards(address: str) -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((address, 9))  # no packet is sent: this only picks the outgoing interface
-        return s.getsockname()[0]
-
-
-class VLLMTransport(Transport):
-    """vLLM's own weight-transfer engine: HTTP control plane (init/start/update/finish), NCCL data
-    plane with vLLM's packed producer. vLLM packs tensors itself, so buckets are unpacked into
-    (name, tensor) views and fed to its producer thread through a bounded queue."""
-
-    name = "vllm"
-
-    def __init__(self, cfg, client=None):
-        super().__init__(cfg)
-        self.client = client or VLLMHttpClient(f"http://{cfg.engine_address}:{cfg.engine_port}", cfg.timeout_s)
-        self.group = None
-        self.bucket_bytes = max(int(cfg.bucket_mb * 2**20), 1)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-
-    def init(self) -> None:
-        if self.group is not None:
-            return
-        engine, _ = _import_vllm_nccl()
-        cfg = self.cfg
-        world = self.client.get_world_size() + 1
-        if world - 1 != cfg.engine_world_size:
-            raise TransportError(f"vLLM reports {world - 1} workers, rollout.engine_world_size is "
-                                 f"{cfg.engine_world_size}")
-        info = {"master_address": _local_ip_towards(cfg.engine_address), "master_port": free_port(""),
-                "world_size": world}
-        # The engine joins from inside the HTTP call while the trainer joins here: run both at once.
-        errors: list[BaseException] = []
-        call = threading.Thread(target=self._guard(errors, self.client.init_weight_transfer_engine),
-                                args=({**info, "rank_offset": 1},), daemon=True)
-        call.start()
-        self.group = engine.trainer_init(info)
-        call.join(cfg.timeout_s)
-        if call.is_alive() or errors:
-            self.group = None
-            raise TransportError(f"vLLM init_weight_transfer_engine failed: {errors or 'timeout'}")
-
-    @staticmethod
-    def _guard(errors, fn):
-        def run(*args, **kwargs):
-            try:
-                fn(*args, **kwargs)
-            except BaseException as e:  # noqa: BLE001 - reported by the caller
-                errors.append(e)
-        return run
-
-    def start(self, version: int, buckets: list) -> None:
-        engine, args_cls = _import_vllm_nccl()
-        manifest = [m for b in buckets for m in b.metas]
-        if self.cfg.placement == "colocated":
-            self.client.wake_up(["weights"])
-        self.client.start_weight_update()
-        update = {"names": [m.name for m in manifest], "dtype_names": [m.dtype for m in manifest],
-                  "shapes": [list(m.shape) for m in manifest], "packed": True,
-                  "packed_buffer_size_bytes": self.bucket_bytes, "packed_num_buffers": 2}
-        self.errors: list[BaseException] = []
-        self.update_call = threading.Thread(
-            target=self._guard(self.errors, self.client.update_weights), args=(update, self.cfg.timeout_s), daemon=True)
-        self.update_call.start()
-        self.queue: queue.Queue = queue.Queue(maxsize=1)  # back-pressure: one bucket ahead at most
-
-        def tensors():
-            while (item := self.queue.get()) is not None:
-                yield from item
-
-        def produce():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(self.device)
-            engine.trainer_send_weights(tensors(), args_cls(group=self.group, packed=True,
-                                                            packed_buffer_size_bytes=self.bucket_bytes,
-                                                            packed_num_buffers=2))
-
-        self.producer = threading.Thread(target=self._guard(self.errors, produce), daemon=True)
-        self.producer.start()
-
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        # A fresh buffer per bucket: vLLM's producer may still read the previous one.
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
-    def send(self, bucket: Bucket) -> None:
-        from recipe.rollout.vllm_worker import unpack
-
-        if self.errors:
-            raise TransportError(f"vLLM transfer failed: {self.errors[0]}")
-        try:
-            self.queue.put(list(unpack(bucket.buffer, bucket.metas)), timeout=self.cfg.timeout_s)
-        except queue.Full:
-            raise TransportError(f"vLLM producer made no progress in {self.cfg.timeout_s}s") from None
-
-    def finish(self, version: int) -> None:
-        self.queue.put(None, timeout=self.cfg.timeout_s)
-        for thread in (self.producer, self.update_call):
-            thread.join(self.cfg.timeout_s)
-            if thread.is_alive():
-                raise TransportError(f"vLLM weight update did not complete within {self.cfg.timeout_s}s")
-        if self.errors:
-            raise TransportError(f"vLLM transfer failed: {self.errors[0]}")
-        self.client.finish_weight_update()
-        self.client.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        if self.cfg.placement == "colocated":
-            self.client.wake_up(["kv_cache"])
-
-    def close(self, notify: bool = False) -> None:
-        q = getattr(self, "queue", None)
-        if q is not None:
-            try:
-                q.put_nowait(None)  # let a producer blocked on an abandoned update return
-            except queue.Full:
-                pass
-        # vLLM's communicator is released with its last reference; the engine side of an
-        # abandoned update ends on its own timeout, and the next init() starts a new group.
-        self.group = None
-
-
-TRANSPORTS = {"gloo": GroupTransport, "nccl": NcclTransport, "ipc": IpcTransport, "vllm": VLLMTransport}
+TRANSPORTS = {"gloo": GroupTransport, "nccl": NcclTransport, "ipc": IpcTransport}
 
 
 def build_transport(cfg) -> Transport:
+    if cfg.transport == "vllm":
+        from recipe.rollout.trainer.vllm_native import VLLMTransport
+
+        return VLLMTransport(cfg)
     try:
         return TRANSPORTS[cfg.transport](cfg)
     except KeyError:
-        raise ValueError(f"rollout.transport={cfg.transport!r}: use one of {sorted(TRANSPORTS)}") from None
+        raise ValueError(f"rollout.transport={cfg.transport!r}: use one of {sorted(TRANSPORTS) + ['vllm']}") from None

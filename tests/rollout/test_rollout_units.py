@@ -741,6 +741,23 @@ def test_a_bucket_outside_the_plan_is_a_transport_error_before_anything_is_sent(
 # --------------------------------------------------------------------------- vLLM transport (fake vLLM)
 
 
+def fake_vllm(monkeypatch, version: str) -> None:
+    for name in ("vllm", "vllm.distributed", "vllm.distributed.weight_transfer"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["vllm"].__version__ = version
+
+
+@pytest.mark.parametrize("version", ["0.24.1", "0.29.0", "1.0.0"])
+def test_vllm_transport_names_a_vllm_outside_its_range_in_one_line(monkeypatch, version):
+    fake_vllm(monkeypatch, version)
+    mod = types.ModuleType("vllm.distributed.weight_transfer.nccl_engine")
+    mod.NCCLWeightTransferEngine = mod.NCCLTrainerSendWeightsArgs = object
+    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.nccl_engine", mod)
+    with pytest.raises(TransportError, match=rf"vLLM {version} is installed") as e:
+        VLLMTransport(Cfg(engine_world_size=1), client=object()).init()
+    assert "\n" not in str(e.value)
+
+
 def test_vllm_transport_drives_the_four_phase_api(monkeypatch):
     sent, calls = [], []
 
@@ -764,6 +781,7 @@ def test_vllm_transport_drives_the_four_phase_api(monkeypatch):
 
     mod = types.ModuleType("vllm.distributed.weight_transfer.nccl_engine")
     mod.NCCLWeightTransferEngine, mod.NCCLTrainerSendWeightsArgs = Engine, Args
+    fake_vllm(monkeypatch, "0.26.0")
     monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.nccl_engine", mod)
 
     class Client:

@@ -112,3 +112,16 @@ def test_a_receive_into_sleeping_weights_is_refused_in_one_line(fake_cumem):
 def test_receive_before_connect_says_what_to_call():
     with pytest.raises(RuntimeError, match="flare_connect"):
         FakeWorker(None).flare_receive(wait_s=0)
+
+
+@pytest.mark.parametrize("transport", ["nccl", "vllm"])
+def test_a_colocated_engine_over_nccl_is_refused_before_training(transport):
+    """vLLM's own transport is NCCL too: neither can put the trainer and the engine on one GPU."""
+    from recipe.errors import ConfigError
+    from recipe.rollout.trainer.hook import validate_rollout
+
+    rollout = SimpleNamespace(interval=1, bucket_mb=512, engine_world_size=1, engine_tp_size=1, timeout_s=60,
+                              placement="colocated", transport=transport)
+    job = SimpleNamespace(rollout=rollout, comm=SimpleNamespace(train_timeout_seconds=100))
+    with pytest.raises(ConfigError, match=f"colocated with transport={transport}: NCCL cannot join"):
+        validate_rollout(job)

@@ -51,9 +51,10 @@ def validate_rollout(job_config) -> None:
         # The non-sending ranks wait in a trainer collective while rank 0 waits on the engine.
         raise ConfigError(f"rollout.timeout_s={r.timeout_s} must be below comm.train_timeout_seconds={limit}, "
                           "or the other trainer ranks time out while rank 0 waits for the engine")
-    if r.placement == "colocated" and r.transport == "nccl":
-        raise ConfigError("rollout.placement=colocated with transport=nccl: NCCL cannot join two processes "
-                          "on one GPU; use transport ipc (or vllm)")
+    if r.placement == "colocated" and r.transport in ("nccl", "vllm"):
+        # vllm: the transport drives vLLM's NCCL weight-transfer engine, with the same limit
+        raise ConfigError(f"rollout.placement=colocated with transport={r.transport}: NCCL cannot join two "
+                          "processes on one GPU; use transport ipc")
     if r.placement == "disaggregated" and r.transport == "ipc":
         raise ConfigError("rollout.transport=ipc needs the engine on the same GPUs: set placement = colocated")
     if r.transport in ("nccl", "ipc", "vllm") and not torch.cuda.is_available():

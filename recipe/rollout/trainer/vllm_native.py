@@ -62,18 +62,33 @@ class VLLMHttpClient:
         self._call("POST", "wake_up?" + "&".join(f"tags={t}" for t in tags))
 
 
+def check_vllm_version(version: str) -> None:
+    """One line naming the installed vLLM when its weight-transfer API is not the one targeted."""
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return  # a source build with an unusual version string: try it
+    first, last = VLLM_SUPPORTED
+    if not first <= major_minor < last:
+        raise TransportError(f"rollout.transport='vllm' targets vLLM {first[0]}.{first[1]} to {last[0]}.{last[1] - 1} "
+                             f"(static NCCLWeightTransferEngine trainer helpers); vLLM {version} is installed: use "
+                             "transport nccl with flare's worker extension, or a vLLM in that range")
+
+
 def _import_vllm_nccl():
     try:
+        import vllm
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerSendWeightsArgs,
             NCCLWeightTransferEngine,
         )
     except ImportError as e:
-        raise TransportError(f"rollout.transport='vllm' needs vllm{VLLM_SUPPORTED} installed in the trainer's "
-                             f"environment ({e})") from None
+        raise TransportError(f"rollout.transport='vllm' needs vLLM installed in the trainer's environment ({e})") \
+            from None
+    check_vllm_version(getattr(vllm, "__version__", ""))
     if not hasattr(NCCLWeightTransferEngine, "trainer_send_weights"):
-        raise TransportError(f"this vLLM has no NCCLWeightTransferEngine.trainer_send_weights; flare targets "
-                             f"vllm{VLLM_SUPPORTED} (see docs/rollout.md)")
+        raise TransportError(f"vLLM {vllm.__version__} has no NCCLWeightTransferEngine.trainer_send_weights; "
+                             "see docs/rollout.md for the vLLM versions flare targets")
     return NCCLWeightTransferEngine, NCCLTrainerSendWeightsArgs
 
 

@@ -1,4 +1,4 @@
-"""Training throughput: flare's Trainer against a bare PyTorch loop on the same model (issue #7).
+"""Training throughput: flare's Trainer against a bare PyTorch loop on the same model.
 
 For every model config x (seq_len, batch) x compile setting it measures, in one process:
 

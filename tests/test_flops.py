@@ -172,7 +172,7 @@ def test_llama_whole_formula_matches_counter_with_eager_attention():
 
 
 def test_fla_transformer_counts_like_the_same_llama(monkeypatch):
-    # tiny/transformer.json has tiny/llama.json's shapes; it cannot run here (flash-attn), but its
+    # tiny/transformer.json has tiny/llama.json's shapes; it cannot run on CPU (flash-attn), but its
     # formula must agree with the counter-checked Llama one. A placeholder lets it build on meta.
     monkeypatch.setattr(fla.layers.attn, "flash_attn_func", lambda *a, **k: None)
     for seq_len in (64, 256):

@@ -48,8 +48,8 @@ def load_config(path):
 
 def build_on_meta(config, monkeypatch):
     if config.model_type == "transformer":
-        # fla's Attention refuses to build without flash-attn (not installable here); a meta build
-        # never calls the kernel, so a placeholder is enough to count parameters.
+        # fla's Attention refuses to build without flash-attn (CUDA-only, absent from CPU installs);
+        # a meta build never calls the kernel, so a placeholder is enough to count parameters.
         monkeypatch.setattr(fla.layers.attn, "flash_attn_func", lambda *a, **k: None)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -99,7 +99,7 @@ def test_tiny_config_shapes_allow_tp2(path, monkeypatch):
 @pytest.mark.parametrize("path", TINY_CONFIGS[:-1], ids=name)  # gla_debug.json == tiny/gla.json
 def test_tiny_config_trains_one_step_on_cpu(path):
     config = load_config(path)
-    # fla's transformer calls flash-attn (CUDA-only, not installable here): exact SDPA stand-in
+    # fla's transformer calls flash-attn (CUDA-only, absent from CPU installs): exact SDPA stand-in
     attention = sdpa_flash_attn.installed() if config.model_type == "transformer" else contextlib.nullcontext()
     torch.manual_seed(0)
     with attention:

@@ -108,8 +108,8 @@ def train_steps(model, batches, *, dp_rank=0, dp_size=1, context=nullcontext, lo
 
 def softmax_attention(cfg):
     """Context in which a model of ``cfg`` is built and trained: fla's softmax attention
-    (``transformer``, the ``attn`` layers of hybrid models) calls flash-attn, CUDA-only and not
-    installable here, so it gets the exact SDPA stand-in of tests/sdpa_flash_attn.py (in the
+    (``transformer``, the ``attn`` layers of hybrid models) calls flash-attn, CUDA-only and absent
+    from CPU installs, so it gets the exact SDPA stand-in of tests/sdpa_flash_attn.py (in the
     reference and in every worker rank). The plans under test do not depend on the kernel."""
     if cfg.model_type == "transformer" or getattr(cfg, "attn", None):
         return sdpa_flash_attn.installed()

@@ -114,8 +114,8 @@ def _check(group, model, layout, record_property, **tolerances):
 # Losses and the first step's gradients (identical weights) are held to the suite's bounds. After
 # AdamW's first update (about lr*sign(grad), which turns summation-order noise into weight
 # differences of lr) a few gradient elements drift past atol 1e-5: RetNet FSDP2xTP2, one v_proj
-# element of 8192 by 1.5e-5; on an AMD EPYC (AVX2) VM, HGRN2 TP2 and the fla transformer FSDP2xTP2,
-# 1-2 embedding elements of 32768 at step 2 by 1.7-1.9e-5, where earlier VMs passed. A wrong shard
+# element of 8192 by 1.5e-5; on an AMD EPYC (AVX2) host, HGRN2 TP2 and the fla transformer FSDP2xTP2,
+# 1-2 embedding elements of 32768 at step 2 by 1.7-1.9e-5, where other hosts passed. A wrong shard
 # or reduction shows at the size of the gradients themselves (max 0.05-0.16 for those embeddings).
 LATER_GRAD_TOL = (H.RTOL, 5e-5)
 
@@ -150,7 +150,7 @@ def test_fsdp_cpu_offload(two_ranks, model, layout, record_property):
 # another order than torch's, on each rank's half of the tokens. From the same weights (the first
 # step) gradients agree to ~4e-7. AdamW's first update is ~lr * sign(grad), so an element whose
 # gradient is within that noise of zero moves by up to lr=3e-3 in one run and not in the other;
-# later gradients then differ by up to 3.5e-5 here (4 data seeds; 2.3e-5 with the suite's seed, on
+# later gradients then differ by up to 3.5e-5 in this test (4 data seeds; 2.3e-5 with the suite's seed, on
 # one embedding element). Not specific to fla's kernel: with data seed 2 the plain GLA TP=2 run
 # (torch's cross entropy) differs by 5.4e-5 after the first step too. Losses and the first step's
 # gradients use the suite's tolerance, later gradients atol 1e-4: an error in how the loss or the

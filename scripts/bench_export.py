@@ -9,7 +9,7 @@
 Each row spawns trainer ranks (a Llama-shaped HF model in fp32 with random weights, FSDP2 over
 ``--trainer_gpus`` as ``train.py`` shards it: one GPU is a one-rank mesh, whose DTensors the
 source reads without a gather but with their host overhead; ``--trainer_layout plain`` keeps
-plain tensors on one GPU, as the 1/1 rows of sessions 1-8 did) and reference receiver ranks
+plain tensors on one GPU, the layout of the older 1/1 rows in docs/results) and reference receiver ranks
 (``recipe.rollout.engine.reference_receiver.LlamaTPEngine``, vLLM's TP layout, bf16, on the next GPUs for nccl or
 the trainer's GPUs for ipc). The trainer exports
 through the real ``rollout`` hook (gather → pack → transport → load_weights → ack) ``--repeats``

@@ -104,7 +104,7 @@ class RolloutHook:
         gather, the final agreement) until the sender catches up, while the sender waits for
         the engine. The colocated engine is another process: its copies on that GPU then get
         only time slices next to the waiting kernel. 1.5b over ``ipc`` took 0.55 s with an
-        FSDP=2 trainer and a 2-rank engine, 35 ms with one trainer rank (H200, session 11).
+        FSDP=2 trainer and a 2-rank engine, 35 ms with one trainer rank (2x H200, 2026-11).
         So the ranks meet on the host (this group) before each bucket's gather and agree on it."""
         if self.host_group is None and self.cfg.placement == "colocated" and self.world > 1:
             self.host_group = dist.new_group(backend="gloo")  # every rank's first export: collective

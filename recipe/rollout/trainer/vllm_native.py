@@ -58,9 +58,6 @@ class VLLMHttpClient:
     def reset_prefix_cache(self) -> None:
         self._call("POST", "reset_prefix_cache")
 
-    def wake_up(self, tags: list[str]) -> None:
-        self._call("POST", "wake_up?" + "&".join(f"tags={t}" for t in tags))
-
 
 def check_vllm_version(version: str) -> None:
     """One line naming the installed vLLM when its weight-transfer API is not the one targeted."""
@@ -146,8 +143,6 @@ class VLLMTransport(Transport):
     def start(self, version: int, buckets: list) -> None:
         engine, args_cls = _import_vllm_nccl()
         manifest = [m for b in buckets for m in b.metas]
-        if self.cfg.placement == "colocated":
-            self.client.wake_up(["weights"])
         self.client.start_weight_update()
         update = {"names": [m.name for m in manifest], "dtype_names": [m.dtype for m in manifest],
                   "shapes": [list(m.shape) for m in manifest], "packed": True,
@@ -194,8 +189,6 @@ class VLLMTransport(Transport):
             raise TransportError(f"vLLM transfer failed: {self.errors[0]}")
         self.client.finish_weight_update()
         self.client.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        if self.cfg.placement == "colocated":
-            self.client.wake_up(["kv_cache"])
 
     def close(self, notify: bool = False) -> None:
         q = getattr(self, "queue", None)

@@ -105,13 +105,20 @@ def model_spec(config) -> ModelSpec:
     )
 
 
-def check_against_spec(found: dict[str, torch.Size], spec: ModelSpec, source: str) -> None:
-    """Same keys (a tied alias may be absent) and shapes as the model, or a ConversionError."""
+def check_against_spec(
+    found: dict[str, torch.Size], spec: ModelSpec, source: str, fix: str | None = None,
+    files: dict[str, str] | None = None,
+) -> None:
+    """Same keys (a tied alias may be absent) and shapes as the model, or a ConversionError.
+
+    `fix` replaces the closing advice; `files` (key -> file name) names the file a wrong shape is in.
+    """
     what = f"model_type '{spec.config.model_type}'"
     missing = sorted(k for k in spec.shapes if k not in found and spec.tied.get(k) not in found)
     if missing:
         raise ConversionError(
-            f"{source} lacks {len(missing)} weight(s) of {what}, e.g. {missing[:3]}; does the config match the checkpoint?"
+            f"{source} lacks {len(missing)} weight(s) of {what}, e.g. {missing[:3]}; "
+            f"{fix or 'does the config match the checkpoint?'}"
         )
     unexpected = sorted(
         k for k in found if k not in spec.shapes and not any(re.search(p, k) for p in spec.ignore_unexpected)
@@ -119,13 +126,14 @@ def check_against_spec(found: dict[str, torch.Size], spec: ModelSpec, source: st
     if unexpected:
         raise ConversionError(
             f"{source} has {len(unexpected)} weight(s) that {what} lacks, e.g. {unexpected[:3]}; "
-            "does the config match the checkpoint?"
+            f"{fix or 'does the config match the checkpoint?'}"
         )
     for key, shape in found.items():
         if key in spec.shapes and tuple(shape) != tuple(spec.shapes[key]):
+            where = f" (in {files[key]})" if files and key in files else ""
             raise ConversionError(
-                f"{source}: '{key}' has shape {list(shape)} but {what} with this config expects "
-                f"{list(spec.shapes[key])}; does the config (and tokenizer/vocab_size) match the checkpoint?"
+                f"{source}: '{key}'{where} has shape {list(shape)} but {what} with this config expects "
+                f"{list(spec.shapes[key])}; {fix or 'does the config (and tokenizer/vocab_size) match the checkpoint?'}"
             )
 
 
@@ -148,6 +156,7 @@ def complete_tied(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, 
 def read_dcp_model(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The model tensors (full, in their saved dtype) of a DCP checkpoint, in one process."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not os.path.isfile(os.path.join(path, ".metadata")):
@@ -171,7 +180,7 @@ def read_dcp_model(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
             dcp.load(state, storage_reader=reader, no_dist=True)
-    except Exception as e:  # noqa: BLE001 - DCP wraps read errors in CheckpointException
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - read errors come as CheckpointException, a BaseException
         raise ConversionError(f"--checkpoint: cannot read the weights in '{path}' ({_first_line(e)})") from None
     return complete_tied(state, spec)
 
@@ -204,8 +213,9 @@ def write_dcp(state: dict[str, torch.Tensor], folder: str) -> None:
 # --------------------------------------------------------------------------- HF folders
 
 
-def read_hf_weights(folder: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The safetensors weights of an HF folder (one file or an index with shards), validated."""
+def read_safetensors(folder: str, flag: str = "--hf") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of an HF folder's safetensors (one file, or the shards its index names) and the
+    file each came from. A missing, truncated or corrupt file is a ConversionError naming it."""
     from safetensors import safe_open
 
     index_file = os.path.join(folder, SAFE_INDEX)
@@ -214,29 +224,47 @@ def read_hf_weights(folder: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
             with open(index_file) as f:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConversionError(f"--hf: cannot read '{index_file}' ({_first_line(e)})") from None
+            raise ConversionError(f"{flag}: cannot read '{index_file}' ({_first_line(e)}); copy it again") from None
         files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(folder, SAFE_WEIGHTS)):
         weight_map, files = None, [SAFE_WEIGHTS]
     else:
-        raise ConversionError(f"--hf: '{folder}' has no {SAFE_WEIGHTS} or {SAFE_INDEX} (only safetensors is read)")
+        raise ConversionError(f"{flag}: '{folder}' has no {SAFE_WEIGHTS} or {SAFE_INDEX} (only safetensors is read)")
 
-    state = {}
+    state, source = {}, {}
     for name in files:
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
-            raise ConversionError(f"--hf: shard '{file}' named in {SAFE_INDEX} is missing")
+            raise ConversionError(
+                f"{flag}: shard '{file}' named in {SAFE_INDEX} is missing; copy it into the folder again"
+            )
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
                     state[key] = f.get_tensor(key)
+                    source[key] = name
         except Exception as e:  # noqa: BLE001 - SafetensorError for truncated/corrupt files
-            raise ConversionError(f"--hf: cannot read shard '{file}' ({_first_line(e)})") from None
+            raise ConversionError(
+                f"{flag}: cannot read shard '{file}' ({_first_line(e)}); the file is truncated or corrupt: "
+                "copy or download it again"
+            ) from None
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(state))
         if absent:
-            raise ConversionError(f"--hf: {SAFE_INDEX} lists {len(absent)} weight(s) its shards lack, e.g. {absent[:3]}")
-    check_against_spec({k: v.shape for k, v in state.items()}, spec, f"HF folder '{folder}'")
+            raise ConversionError(
+                f"{flag}: {SAFE_INDEX} lists {len(absent)} weight(s) its shards lack, e.g. {absent[:3]}; "
+                "the shards and the index come from different saves: copy the folder again"
+            )
+    return state, source
+
+
+def read_hf_weights(
+    folder: str, spec: ModelSpec, flag: str = "--hf", fix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The safetensors weights of an HF folder (one file or an index with shards), validated."""
+    state, source = read_safetensors(folder, flag)
+    where = f"HF folder '{folder}'" if flag == "--hf" else f"{flag}: '{folder}'"
+    check_against_spec({k: v.shape for k, v in state.items()}, spec, where, fix, source)
     return complete_tied(state, spec)
 
 

@@ -97,6 +97,15 @@ class Checkpoint:
     """When training ends, also write the final weights as an HF folder (config.json, safetensors,
     tokenizer; loadable by from_pretrained) to <dump_folder>/hf/step-N, in checkpoint.export_dtype."""
 
+    fallback: bool = False
+    """When the newest checkpoint is damaged (a file missing or of another size than recorded at
+    save time), resume from the newest whole one with a warning instead of stopping. The damaged
+    folder is kept (a later save of its step moves it to step-N.damaged)."""
+
+    verify: bool = False
+    """Record each checkpoint file's SHA-256 at save time and compare before loading (a full read
+    of the checkpoint on rank 0, both times). Off: sizes only."""
+
 
 @dataclass
 class ActivationCheckpoint:

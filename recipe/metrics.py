@@ -1,7 +1,8 @@
 """Per-step metrics: console line, TensorBoard/W&B (torchtitan's loggers) and ``metrics.jsonl``.
 
 ``<dump_folder>/metrics.jsonl`` gets one JSON object per logged step (rank 0 writes it, a
-resumed run appends). Keys always present: step, loss, grad_norm, lr, tps, mfu, memory_gib; also
+resumed run appends; after a last line cut by a kill it starts a new line, and readers skip the
+cut one). Keys always present: step, loss, grad_norm, lr, tps, mfu, memory_gib; also
 loss_max, tflops, tokens_seen, skipped_steps, step_time_s, data_wait_s, eta_s, time.
 ``tps`` is tokens/s per device; ``mfu`` is in percent, from ``recipe.flops`` and the device's
 bf16 dense peak, and null where that peak is unknown (CPU). ``memory_gib`` is the peak since the
@@ -52,6 +53,9 @@ class MetricsProcessor:
         self.sink = _build_metric_logger(job_config, parallel_dims)  # TensorBoard / W&B / nothing
         self.is_writer = not dist.is_initialized() or dist.get_rank() == 0
         self.jsonl_path = os.path.join(job_config.job.dump_folder, "metrics.jsonl")
+        self.jsonl_cut = self.is_writer and _ends_mid_line(self.jsonl_path)
+        if self.jsonl_cut:
+            logger.warning(f"{self.jsonl_path}: the last line was cut off (a killed run); appending from a new line")
         self.ntokens_since_last_log = 0
         self.data_wait_s = 0.0
         self.steps_since_last_log = 0
@@ -88,7 +92,9 @@ class MetricsProcessor:
         self.sink.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step)
         if self.is_writer:
             with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(_json_safe(record)) + "\n")
+                # The cut line stays as it is (nothing written is changed); the records go after it.
+                f.write(("\n" if self.jsonl_cut else "") + json.dumps(_json_safe(record)) + "\n")
+            self.jsonl_cut = False
         mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
         logger.info(
             f"step {step:>6}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.2e}  "
@@ -104,6 +110,18 @@ class MetricsProcessor:
 
     def close(self) -> None:
         self.sink.close()
+
+
+def _ends_mid_line(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _json_safe(record: dict) -> dict:

@@ -135,29 +135,22 @@ def load_hf_weights(model: nn.Module, folder: str) -> None:
     """Load an HF checkpoint folder (safetensors) into a materialized, possibly sharded model.
 
     Every rank reads the full tensors and keeps its shard (``load_full_state_dict``), so it works
-    for any parallel layout.
+    for any parallel layout. A missing or damaged shard and weights that do not fit the model
+    (missing, extra, another shape) are one-line errors, found before any weight is loaded.
     """
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise UserError(f"model.init_from_hf: no *.safetensors files in '{folder}'")
-    state = {}
-    for name in files:
-        state.update(load_file(os.path.join(folder, name)))
+    from recipe import hf_io
+
+    spec = hf_io.model_spec(model.config)  # the same config the model was built from: its keys and full shapes
+    state = hf_io.read_hf_weights(
+        folder, spec, flag="model.init_from_hf",
+        fix="the weights do not fit model.config: use the config they were saved with (normally the "
+            "folder's config.json) or the HF folder of this model",
+    )
     # The model's own names: get_model_state_dict drops the prefixes that torch.compile and
     # activation checkpointing wrappers add (`_orig_mod.`, `_checkpoint_wrapped_module.`).
     expected = set(get_model_state_dict(model).keys())
-    missing = sorted(expected - set(state))
-    # Tied lm_head weights are stored once (as the embedding) by HF.
-    if getattr(model.config, "tie_word_embeddings", False):
-        missing = [k for k in missing if not k.startswith("lm_head.")]
-    if missing:
-        raise UserError(
-            f"model.init_from_hf: '{folder}' lacks {len(missing)} weights of this model, e.g. {missing[:3]}; "
-            "does model.config match the checkpoint?"
-        )
     load_full_state_dict(model, {k: v for k, v in state.items() if k in expected}, strict=False)
 
 

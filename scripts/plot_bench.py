@@ -23,8 +23,13 @@ def load_rows(paths: list[str]) -> list[dict]:
     for path in paths:
         device = ""
         with open(path) as f:
-            for line in f:
-                row = json.loads(line)
+            for number, line in enumerate(f, start=1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a killed run
+                    if line.strip():
+                        print(f"plot_bench: {path} line {number} is not a complete record; skipped", file=sys.stderr)
+                    continue
                 if "header" in row:
                     device = row["header"].get("device", "")
                 elif row.get("tokens_per_s"):

@@ -9,11 +9,27 @@ losses are the first and last logged; first-step is the step-1 wall time (startu
 import argparse
 import json
 import statistics
+import sys
+
+
+def read_records(path: str) -> list[dict]:
+    """The JSON records of a metrics.jsonl; a line that is not one (cut by a killed run) is skipped
+    with a notice on stderr."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"summarize_metrics: {path} line {number} is not a complete record (cut by a kill?); "
+                      "skipped", file=sys.stderr)
+    return rows
 
 
 def summarize(path: str, skip: int) -> dict:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_records(path)
     steady = [r for r in rows if r["step"] > skip] or rows
     mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
     return {

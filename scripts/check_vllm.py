@@ -26,7 +26,10 @@ Prints one table, writes everything as JSON (``--out``), exits 1 when a check fa
         --steps 30 --interval 3 --sleep --out check_vllm.json
 
 The trainer runs with this interpreter and environment; ``--trainer_pythonpath`` replaces its
-PYTHONPATH (when vLLM and flare's trainer live in different site folders).
+PYTHONPATH (when vLLM and flare's trainer live in different site folders). ``nccl`` needs the
+trainer on another GPU than the engine (disaggregated): start this script with
+``CUDA_VISIBLE_DEVICES`` naming the engine's GPU and pass ``--trainer_devices`` for the trainer's
+(e.g. ``CUDA_VISIBLE_DEVICES=1 python scripts/check_vllm.py --transports nccl --trainer_devices 0``).
 """
 
 from __future__ import annotations
@@ -202,7 +205,8 @@ def trainer_command(args, transport: str, port: int, steps: int, interval: int, 
             "--training.local_batch_size", str(args.batch), "--training.seq_len", str(args.seq_len),
             "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--job.dump_folder", dump,
             "--hooks.post_step", hooks, "--rollout.enable", "--rollout.transport", transport,
-            "--rollout.placement", "colocated", "--rollout.interval", str(interval),
+            "--rollout.placement", "disaggregated" if transport == "nccl" else "colocated",
+            "--rollout.interval", str(interval),
             "--rollout.engine_port", str(port), "--rollout.timeout_s", str(args.timeout_s),
             "--rollout.on_failure", "raise", *args.trainer_args]
 
@@ -211,6 +215,8 @@ def start_trainer(args, cmd: list, log_path: str, snapshot_dir: str | None):
     env = dict(os.environ)
     if args.trainer_pythonpath is not None:
         env["PYTHONPATH"] = args.trainer_pythonpath
+    if args.trainer_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = args.trainer_devices
     if snapshot_dir:
         env["FLARE_SNAPSHOT_DIR"] = snapshot_dir
     log = open(log_path, "w")
@@ -440,7 +446,10 @@ def print_table(report: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model_config", default="configs/llama_360M.json")
-    ap.add_argument("--transports", default="ipc,gloo", help="comma-separated: ipc, gloo (colocated on this GPU)")
+    ap.add_argument("--transports", default="ipc,gloo",
+                    help="comma-separated: ipc, gloo (colocated on this GPU), nccl (needs --trainer_devices)")
+    ap.add_argument("--trainer_devices", default=None, help="CUDA_VISIBLE_DEVICES of the trainer (default: this "
+                    "process's)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--interval", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
@@ -469,6 +478,9 @@ def main() -> int:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.makedirs(args.work, exist_ok=True)
+    if "nccl" in args.transports.split(",") and args.trainer_devices is None:
+        raise SystemExit("check_vllm: --transports nccl puts the trainer on another GPU than the engine: pass "
+                         "--trainer_devices (and CUDA_VISIBLE_DEVICES for the engine)")
     hf_dir, config = hf_dir_for(os.path.join(ROOT, args.model_config), args.work)
 
     import torch

@@ -10,7 +10,7 @@ only the chosen config and skip benchmarking.
 flare ships such sets under ``configs/autotune/<set>/`` (``MANIFEST.json`` + hash folders) and the
 trainer installs the ones whose manifest matches this machine (GPU name, Triton and fla versions)
 before the first step (``job.autotune_results``). A result that does not match is never read by
-Triton, so installing is always safe. ``scripts/warm_kernels.py`` warms kernels in parallel and
+Triton, so installing is always safe. ``scripts/tools/warm_kernels.py`` warms kernels in parallel and
 exports new sets (``--export-cache``).
 """
 
@@ -117,7 +117,7 @@ def install_shipped_results(folder: str) -> None:
         logger.info(
             f"No shipped Triton autotune results for {here['device']} / triton {here['triton']} / fla "
             f"{here['fla']} in {folder}: the first step autotunes fla's kernels (minutes on a fresh machine; "
-            "scripts/warm_kernels.py does it in parallel and exports a set to ship)"
+            "scripts/tools/warm_kernels.py does it in parallel and exports a set to ship)"
         )
         return
     cache_dir = triton_cache_dir()

@@ -278,7 +278,7 @@ class AtomicCheckpointManager(CheckpointManager):
         if problem:
             raise UserError(
                 f"checkpoint.initial_load_path: {self.initial_load_path} is damaged ({problem}); "
-                "write it again (e.g. scripts/convert_hf_to_dcp.py) or point the key at another checkpoint"
+                "write it again (e.g. scripts/tools/convert_hf_to_dcp.py) or point the key at another checkpoint"
             )
 
     def dcp_load(self, state_dict, checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:

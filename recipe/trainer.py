@@ -83,7 +83,7 @@ class Trainer(Stateful):
         if jc.checkpoint.last_save_in_hf:
             raise ConfigError(
                 "checkpoint.last_save_in_hf needs a torchtitan state-dict adapter, which flare's models do "
-                "not have; set checkpoint.export_hf_on_finish = true (or use scripts/convert_dcp_to_hf.py)"
+                "not have; set checkpoint.export_hf_on_finish = true (or use scripts/tools/convert_dcp_to_hf.py)"
             )
 
         self.parallel_dims = pd = self._init_distributed()

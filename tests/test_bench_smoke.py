@@ -1,9 +1,10 @@
-"""CPU smoke tests of scripts/bench_train.py and scripts/warm_kernels.py on tiny models.
+"""CPU smoke tests of scripts/benchmarks/bench_train.py and scripts/tools/warm_kernels.py on tiny models.
 
 The two subprocess runs (the benchmark, and a compile-only warm-up worker, which patches Triton
 globally) start together when the module's fixture is first used; the rest runs in-process.
 """
 
+import glob
 import importlib.util
 import json
 import os
@@ -15,15 +16,15 @@ import pytest
 from conftest import ROOT
 from recipe.net import free_port
 
-SMOKE_BENCH = ["scripts/bench_train.py", "--device", "cpu", "--models", "configs/tiny/llama.json",
+SMOKE_BENCH = ["scripts/benchmarks/bench_train.py", "--device", "cpu", "--models", "configs/tiny/llama.json",
                "--seq-len", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
                "--log-freq", "1"]
-WORKER = ["scripts/warm_kernels.py", "--worker", "compile:0/1", "--model", "configs/tiny/gla.json",
+WORKER = ["scripts/tools/warm_kernels.py", "--worker", "compile:0/1", "--model", "configs/tiny/gla.json",
           "--seq-len", "64", "--batch", "2", "--precision", "bf16", "--varlen"]
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, glob.glob(os.path.join(ROOT, "scripts", "*", f"{name}.py"))[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -188,10 +189,10 @@ def test_warm_kernels_tp_local_shapes_keep_head_dims():
 
 
 def test_profile_step_cpu_smoke():
-    """scripts/profile_step.py: the category table covers all profiled time; matmuls are found."""
+    """scripts/benchmarks/profile_step.py: the category table covers all profiled time; matmuls are found."""
     import re
 
-    cmd = [sys.executable, "scripts/profile_step.py", "--model", "configs/tiny/llama.json", "--device", "cpu",
+    cmd = [sys.executable, "scripts/benchmarks/profile_step.py", "--model", "configs/tiny/llama.json", "--device", "cpu",
            "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
                           capture_output=True, text=True, timeout=300)

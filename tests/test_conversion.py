@@ -1,4 +1,4 @@
-"""scripts/convert_hf_to_dcp.py and scripts/convert_dcp_to_hf.py (recipe/hf_io.py).
+"""scripts/tools/convert_hf_to_dcp.py and scripts/tools/convert_dcp_to_hf.py (recipe/hf_io.py).
 
 1. HF -> DCP -> the trainer's checkpoint manager (load as initial_load_path, save; 0 steps) ->
    DCP -> HF is bit-identical for every key (fp32), for tiny Llama and tiny GLA (the fla path).
@@ -13,6 +13,7 @@ The scripts run in-process through their main() (no interpreter start-up per cas
 them as real subprocesses for the exit code.
 """
 
+import glob
 import importlib.util
 import json
 import os
@@ -35,7 +36,7 @@ FAMILIES = ["llama", "gla", "delta_net", "gated_deltanet", "retnet", "hgrn2", "t
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, glob.glob(os.path.join(ROOT, "scripts", "*", f"{name}.py"))[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -382,11 +383,11 @@ def test_real_exit_codes(tmp_path, sources):
     the CPU stack may come before it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
-    early = subprocess.run([sys.executable, "scripts/convert_hf_to_dcp.py", "--hf", str(tmp_path / "nope"),
+    early = subprocess.run([sys.executable, "scripts/tools/convert_hf_to_dcp.py", "--hf", str(tmp_path / "nope"),
                             "--output", str(out)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert early.returncode == 1
     assert early.stderr.splitlines() == [f"convert_hf_to_dcp: error: --hf: no such folder '{tmp_path / 'nope'}'"]
-    late = subprocess.run([sys.executable, "scripts/convert_dcp_to_hf.py", "--checkpoint", str(sources / "dcp"),
+    late = subprocess.run([sys.executable, "scripts/tools/convert_dcp_to_hf.py", "--checkpoint", str(sources / "dcp"),
                            "--config", os.path.join(TINY, "gla.json"), "--output", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert late.returncode == 1

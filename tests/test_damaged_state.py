@@ -9,6 +9,7 @@ test; each test damages a copy. train.py runs in-process through its main() exce
 needs a fresh interpreter (exit code of the real command, bit-exact resume).
 """
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -32,7 +33,7 @@ SHARD = "__0_0.distcp"  # one rank: one shard file per checkpoint
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, glob.glob(os.path.join(ROOT, "scripts", "*", f"{name}.py"))[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -378,7 +379,7 @@ def test_metrics_line_cut_by_a_kill(run, capfd, single_process_group):
     lines = content.decode().splitlines()
     assert len(lines) == 7 and json.loads(lines[-1])["step"] == 7
 
-    proc = subprocess.run([sys.executable, "scripts/summarize_metrics.py", "--skip", "0", f"run={path}"],
+    proc = subprocess.run([sys.executable, "scripts/tools/summarize_metrics.py", "--skip", "0", f"run={path}"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"summarize_metrics: {path} line 6 is not a complete record (cut by a kill?); skipped"

@@ -13,12 +13,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_random_kills_resume_to_the_identical_loss_curve(tmp_path):
-    # scripts/soak_resume.py's short mode: a reference run, then a run SIGKILLed (launcher and
+    # scripts/dev/soak_resume.py's short mode: a reference run, then a run SIGKILLed (launcher and
     # ranks) at random points and restarted until done; per-step losses must be bit-identical.
     # Every step also exports its weights to a reference rollout receiver, so kills land mid-step,
     # mid-checkpoint and mid-export.
     proc = subprocess.run(
-        [sys.executable, "scripts/soak_resume.py", "--kills", "2", "--steps", "24", "--rollout",
+        [sys.executable, "scripts/dev/soak_resume.py", "--kills", "2", "--steps", "24", "--rollout",
          "--workdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )

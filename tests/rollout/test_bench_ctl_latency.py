@@ -1,4 +1,4 @@
-"""CPU smoke test of scripts/bench_ctl_latency.py: two gloo ranks, every row of the table measured."""
+"""CPU smoke test of scripts/dev/bench_ctl_latency.py: two gloo ranks, every row of the table measured."""
 
 import os
 import re
@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_bench_ctl_latency_prints_every_row():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "scripts/bench_ctl_latency.py", "--messages", "5"]
+           "scripts/dev/bench_ctl_latency.py", "--messages", "5"]
     out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""CPU smoke test of scripts/bench_rollout_hook.py: both train.py runs finish, every step's export
+"""CPU smoke test of scripts/benchmarks/bench_rollout_hook.py: both train.py runs finish, every step's export
 reaches flare's reference receiver (gloo), and the markdown table is printed."""
 
 import os
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("trainer_ranks", [1, 2])
 def test_bench_rollout_hook_gloo(tmp_path, trainer_ranks):
     steps = 4
-    cmd = [sys.executable, "scripts/bench_rollout_hook.py", "--transport", "gloo", "--model", "configs/tiny/llama.json",
+    cmd = [sys.executable, "scripts/benchmarks/bench_rollout_hook.py", "--transport", "gloo", "--model", "configs/tiny/llama.json",
            "--steps", str(steps), "--warmup", "1", "--dtype", "float32", "--timeout", "120",
            "--trainer-gpus", str(trainer_ranks),
            "--workdir", str(tmp_path), "--trainer-args",

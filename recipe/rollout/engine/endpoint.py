@@ -82,7 +82,7 @@ class ReceiverEndpoint:
         self._loaded: list = [None, None]  # CUDA event: the last load out of that buffer is done
         self._turn = 0
         self._load_stream = None
-        # Host seconds per phase of the last version (scripts/bench_export.py prints them).
+        # Host seconds per phase of the last version (scripts/benchmarks/bench_export.py prints them).
         self.stats: dict[str, float] = {}
         if rank == 1:  # lets a trainer configured for another engine size fail with a clear message
             self.store.set("flare/world_size", str(world_size))

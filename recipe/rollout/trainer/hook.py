@@ -77,7 +77,7 @@ class RolloutHook:
         self.host_group = None  # colocated engine, several trainer ranks: see _lockstep
         self.exported: list[int] = []  # versions the engine applied
         self.failed: list[int] = []
-        # Host seconds per phase of the last export (scripts/bench_export.py prints them). With an
+        # Host seconds per phase of the last export (scripts/benchmarks/bench_export.py prints them). With an
         # asynchronous transport (nccl) "send" is only the launch and "buffer" a device-side wait;
         # the transfer time shows up in "finish" (drain + final ack).
         self.last_phases: dict[str, float] = {}

@@ -1,5 +1,5 @@
 """``ExportSnapshot``: a post-step hook that writes what the rollout export sent, for
-``scripts/check_vllm.py`` to compare against the engine (runs in the trainer).
+``scripts/tools/check_vllm.py`` to compare against the engine (runs in the trainer).
 
 List it after ``rollout`` in ``hooks.post_step``. At every export step whose number is a multiple
 of ``FLARE_SNAPSHOT_EVERY`` x ``rollout.interval`` (default: every export), rank 0 writes
@@ -25,7 +25,7 @@ class ExportSnapshot:
         self.cfg = job_config.rollout
         self.dir = os.environ.get("FLARE_SNAPSHOT_DIR")
         if not self.dir:
-            raise ValueError("ExportSnapshot needs FLARE_SNAPSHOT_DIR (the folder scripts/check_vllm.py reads)")
+            raise ValueError("ExportSnapshot needs FLARE_SNAPSHOT_DIR (the folder scripts/tools/check_vllm.py reads)")
         self.every = self.cfg.interval * int(os.environ.get("FLARE_SNAPSHOT_EVERY", "1"))
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 

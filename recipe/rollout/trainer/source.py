@@ -287,7 +287,7 @@ class WeightSource:
         casts its own in place; nobody else receives anything. An all-gather also sent the
         sender's rows out, over the links its broadcast to the engine uses: on H200s a broadcast
         0 -> 2 took 1.5-1.7x as long next to an all-gather on GPUs 0-1, 1.1-1.4x next to a send
-        1 -> 0 (scripts/bench_link_overlap.py)."""
+        1 -> 0 (scripts/dev/bench_link_overlap.py)."""
         out: dict[tuple[str, torch.dtype], Gathered] = {}
         for group in self.gathers[plan.index]:
             route = group.route

@@ -8,7 +8,7 @@ ahead") and in lock step ("ping-pong"), next to a raw 8-byte gloo broadcast and 
 ``get`` of a key that is already set (the path the start message takes). If posting ahead does not
 make the receive cheaper, every message is a round trip on the receiver's critical path.
 
-    torchrun --nproc_per_node=2 scripts/bench_ctl_latency.py [--messages 200]
+    torchrun --nproc_per_node=2 scripts/dev/bench_ctl_latency.py [--messages 200]
 
 Rank 1 prints a markdown table (median / min / p90 in microseconds).
 """
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.net import free_port  # noqa: E402
 from recipe.rollout.protocol import TensorMeta, recv_obj, send_obj  # noqa: E402

@@ -1,14 +1,14 @@
 """Where a training step spends its time: device time per kernel category, one model, one GPU.
 
-Builds the bare loop of ``scripts/bench_train.py`` (``bare-fsdp``: FSDP2 on a one-rank mesh, bf16
+Builds the bare loop of ``scripts/benchmarks/bench_train.py`` (``bare-fsdp``: FSDP2 on a one-rank mesh, bf16
 compute, fp32 masters, fused AdamW; the trainer's numerics without the framework), times
 ``--steps`` steps unprofiled, then profiles the same number of steps with ``torch.profiler`` and
 prints device time per step by category (matmuls, fla's linear-attention kernels, norms, ...)
 and the top kernels. Device busy time close to the unprofiled step time means the step is bound
 by its kernels, not by the host: only faster kernels make it faster.
 
-    python scripts/profile_step.py --model configs/gla_340M.json            # GPU
-    python scripts/profile_step.py --model configs/tiny/gla.json --device cpu --seq-len 64 --batch 2
+    python scripts/benchmarks/profile_step.py --model configs/gla_340M.json            # GPU
+    python scripts/benchmarks/profile_step.py --model configs/tiny/gla.json --device cpu --seq-len 64 --batch 2
 
 On CPU (a smoke run) the categories come from the self time of aten ops instead of kernels; fla's
 Triton kernels, interpreted on CPU, are not aten ops and do not show.
@@ -22,9 +22,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # First match wins; patterns are lower-case substrings of CUDA kernel names or aten op names.
 CATEGORIES = [
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import bench_train
+    from scripts.benchmarks import bench_train
 
     on_gpu = torch.cuda.is_available()
     bare = bench_train.bare_setup(args.model, args.seq_len, args.batch, False, "fsdp",

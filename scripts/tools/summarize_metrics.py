@@ -1,6 +1,6 @@
 """Summarize metrics.jsonl files as one markdown table row each.
 
-    python scripts/summarize_metrics.py --skip 10 name=outputs/a/metrics.jsonl other=outputs/b/metrics.jsonl
+    python scripts/tools/summarize_metrics.py --skip 10 name=outputs/a/metrics.jsonl other=outputs/b/metrics.jsonl
 
 Throughput, MFU and memory are medians over logged steps after --skip (warm-up, autotune, compile);
 losses are the first and last logged; first-step is the step-1 wall time (startup excluded).

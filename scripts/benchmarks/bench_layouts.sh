@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train one model under several parallel layouts on this machine's GPUs, from the same initial
-# weights and the same global batch (8 x seq 4096), and print one table (scripts/summarize_metrics.py).
-#   bash scripts/bench_layouts.sh configs/gla_340M.json "fsdp2 tp2 fsdp2_compile"      # 2 GPUs
-#   bash scripts/bench_layouts.sh configs/llama_360M.json "fsdp2 tp2 hsdp2x2 fsdp4"    # 4 GPUs
+# weights and the same global batch (8 x seq 4096), and print one table (scripts/tools/summarize_metrics.py).
+#   bash scripts/benchmarks/bench_layouts.sh configs/gla_340M.json "fsdp2 tp2 fsdp2_compile"      # 2 GPUs
+#   bash scripts/benchmarks/bench_layouts.sh configs/llama_360M.json "fsdp2 tp2 hsdp2x2 fsdp4"    # 4 GPUs
 # Layouts: 1gpu, fsdp2, fsdp4, tp2, fsdp2_tp2, hsdp2x2, ddp2, and any of them + _compile / _ac.
 # Runs go to ${DUMP:-outputs}/layouts/<model>/<layout>/; with $OUT set, each run's metrics.jsonl is
 # also copied to $OUT/<model>_<layout>.jsonl and the table to $OUT/<model>_layouts.md.
@@ -53,4 +53,4 @@ for layout in $layouts; do
   rows+=("$name/$layout=$dump/metrics.jsonl")
   [ -n "${OUT:-}" ] && [ -f "$dump/metrics.jsonl" ] && cp "$dump/metrics.jsonl" "$OUT/${name}_${layout}.jsonl"
 done
-python scripts/summarize_metrics.py --skip 10 "${rows[@]}" | tee ${OUT:+"$OUT/${name}_layouts.md"}
+python scripts/tools/summarize_metrics.py --skip 10 "${rows[@]}" | tee ${OUT:+"$OUT/${name}_layouts.md"}

@@ -1,6 +1,6 @@
 """Does gathering an FSDP trainer's shards slow the export's broadcast to the engine? (3 GPUs)
 
-    torchrun --nproc_per_node=3 scripts/bench_link_overlap.py [--bucket-mb 512] [--buckets 5]
+    torchrun --nproc_per_node=3 scripts/dev/bench_link_overlap.py [--bucket-mb 512] [--buckets 5]
 
 Rank 0 stands for the sending trainer rank, rank 1 for its FSDP peer, rank 2 for the engine.
 Per bucket: a broadcast 0 -> 2 of the bucket, and the gather of the next bucket's shards between

@@ -23,14 +23,14 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
 Columns: tokens/s per GPU, MFU (``recipe.flops`` FLOPs/token over the
 device's bf16 dense peak), peak memory (CUDA reserved; process peak RSS on CPU), the wall time of the
 first step (Triton autotuning and torch.compile land there; later rows reuse what earlier rows
-compiled and what is cached on disk, see scripts/warm_kernels.py), and trainer/bare (the trainer's
+compiled and what is cached on disk, see scripts/tools/warm_kernels.py), and trainer/bare (the trainer's
 tokens/s over the best bare variant of the same model, shape and compile setting).
 
-    python scripts/bench_train.py                                  # GLA-340M and Llama-360M, seq 4096 x 8
-    python scripts/bench_train.py --models configs/gla_340M.json --compile on --impls trainer,bare
-    python scripts/bench_train.py --models configs/gla_340M.json --seq-sweep 2048,4096,8192,16384,32768
-    torchrun --nproc_per_node=2 scripts/bench_train.py --models configs/gla_340M.json [--tp 2]
-    python scripts/bench_train.py --device cpu --models configs/tiny/llama.json --seq-len 64 --batch 2 \\
+    python scripts/benchmarks/bench_train.py                                  # GLA-340M and Llama-360M, seq 4096 x 8
+    python scripts/benchmarks/bench_train.py --models configs/gla_340M.json --compile on --impls trainer,bare
+    python scripts/benchmarks/bench_train.py --models configs/gla_340M.json --seq-sweep 2048,4096,8192,16384,32768
+    torchrun --nproc_per_node=2 scripts/benchmarks/bench_train.py --models configs/gla_340M.json [--tp 2]
+    python scripts/benchmarks/bench_train.py --device cpu --models configs/tiny/llama.json --seq-len 64 --batch 2 \\
         --steps 3 --warmup 1 --log-freq 1                          # CPU smoke run (fp32, compile off)
 
 Rank 0 prints a header (device, versions, date, command), one line per finished run, and a markdown
@@ -54,8 +54,7 @@ import tempfile
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.shutdown import exit_without_finalizing  # noqa: E402
 
@@ -291,7 +290,7 @@ def one_rank_mesh(device):
 
 def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, n_batches: int,
                norm_backward_programs_per_sm: int | None = None):
-    """The bare loop's model, optimizer step and batches (also used by scripts/profile_step.py).
+    """The bare loop's model, optimizer step and batches (also used by scripts/benchmarks/profile_step.py).
 
     precision: "autocast" (fp32 params, bf16 autocast), "bf16" (bf16 params and optimizer), or
     "fsdp" (FSDP2 on a one-rank mesh: bf16 compute, fp32 masters, as the trainer on one GPU)."""

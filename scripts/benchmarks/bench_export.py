@@ -1,10 +1,10 @@
 """Benchmark the rollout weight export on GPUs: time, bandwidth and sender memory per transport.
 
     # disaggregated: trainer on GPU 0, a TP-1 engine on GPU 1 (NCCL); colocated: both on GPU 0 (IPC)
-    python scripts/bench_export.py                      # the default table (needs 2 GPUs for nccl rows)
-    python scripts/bench_export.py --transport nccl --model 7b --bucket_mb 256 --trainer_gpus 2 --engine_gpus 2
-    python scripts/bench_export.py --transport gloo --model tiny   # CPU smoke test of the same path
-    python scripts/bench_export.py --transport gloo --model tiny-deep --repeats 9   # CPU: host time per tensor
+    python scripts/benchmarks/bench_export.py                      # the default table (needs 2 GPUs for nccl rows)
+    python scripts/benchmarks/bench_export.py --transport nccl --model 7b --bucket_mb 256 --trainer_gpus 2 --engine_gpus 2
+    python scripts/benchmarks/bench_export.py --transport gloo --model tiny   # CPU smoke test of the same path
+    python scripts/benchmarks/bench_export.py --transport gloo --model tiny-deep --repeats 9   # CPU: host time per tensor
 
 Each row spawns trainer ranks (a Llama-shaped HF model in fp32 with random weights, FSDP2 over
 ``--trainer_gpus`` as ``train.py`` shards it: one GPU is a one-rank mesh, whose DTensors the
@@ -50,8 +50,7 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -1,9 +1,9 @@
-"""Plot scripts/bench_train.py results (JSON lines) as a PNG: tokens/s/GPU against sequence length
+"""Plot scripts/benchmarks/bench_train.py results (JSON lines) as a PNG: tokens/s/GPU against sequence length
 (a --seq-sweep run), or tokens/s/GPU and peak memory per GPU against model size (runs of several
 model configs in several layouts).
 
-    python scripts/plot_bench.py results/bench_train.jsonl --out docs/seq_sweep.png
-    python scripts/plot_bench.py a.jsonl b.jsonl --x params --out docs/size_sweep.png
+    python scripts/tools/plot_bench.py results/bench_train.jsonl --out docs/seq_sweep.png
+    python scripts/tools/plot_bench.py a.jsonl b.jsonl --x params --out docs/size_sweep.png
 
 Against seq: one line per (model, impl, compile, varlen, trainer args). Against params: one line
 per layout (GPUs, FSDP/TP degrees) and impl. Failed or skipped rows are left out.
@@ -100,7 +100,7 @@ def plot(rows: list[dict], x: str, out: str, title: str | None) -> None:
         ax.grid(alpha=0.3)
     panels[0][0].legend(fontsize=8)
     devices = sorted({r.get("device", "") for r in rows} - {""})
-    fig.suptitle(title or f"scripts/bench_train.py{' on ' + ', '.join(devices) if devices else ''}", fontsize=10)
+    fig.suptitle(title or f"scripts/benchmarks/bench_train.py{' on ' + ', '.join(devices) if devices else ''}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
 

@@ -1,13 +1,13 @@
 """Step-time cost of the ``rollout`` export hook at interval 1: ``train.py`` twice, same overrides.
 
     # 2 GPUs, disaggregated: trainer on GPU 0, flare's reference receiver on GPU 1 (NCCL broadcast)
-    python scripts/bench_rollout_hook.py --transport nccl --model configs/llama_1B.json --steps 30
+    python scripts/benchmarks/bench_rollout_hook.py --transport nccl --model configs/llama_1B.json --steps 30
     # 3 GPUs: an FSDP=2 trainer on GPUs 0-1, the receiver on GPU 2
-    python scripts/bench_rollout_hook.py --transport nccl --model configs/llama_1B.json --steps 30 --trainer-gpus 2
+    python scripts/benchmarks/bench_rollout_hook.py --transport nccl --model configs/llama_1B.json --steps 30 --trainer-gpus 2
     # 1 GPU, colocated: the receiver maps the trainer's buffers on the same GPU (CUDA IPC)
-    python scripts/bench_rollout_hook.py --transport ipc --model configs/llama_1B.json --steps 30
+    python scripts/benchmarks/bench_rollout_hook.py --transport ipc --model configs/llama_1B.json --steps 30
     # CPU smoke run (what tests/rollout/test_bench_rollout_hook.py does)
-    python scripts/bench_rollout_hook.py --transport gloo --model configs/tiny/llama.json --steps 4 --warmup 1 \\
+    python scripts/benchmarks/bench_rollout_hook.py --transport gloo --model configs/tiny/llama.json --steps 4 --warmup 1 \\
         --dtype float32 --trainer-args "--training.seq_len 64 --training.local_batch_size 2 \\
         --training.mixed_precision_param float32"
 
@@ -45,8 +45,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.net import free_port  # noqa: E402
 

@@ -32,14 +32,14 @@ only the chosen config of each kernel, and the tune phase finds every result on 
 
 Exact command sequence (one GPU, GLA-340M, the trainer's shapes):
 
-    python scripts/warm_kernels.py --model configs/gla_340M.json --seq-len 4096 --batch 8 && \\
+    python scripts/tools/warm_kernels.py --model configs/gla_340M.json --seq-len 4096 --batch 8 && \\
     python train.py --job.config_file configs/gla_340M.toml --training.dataset synthetic --model.tokenizer bytes
 
 Keeping the results for later fresh machines of the same kind (carry outputs/autotune_h200 along):
 
-    python scripts/warm_kernels.py --model configs/gla_340M.json --export-cache outputs/autotune_h200
+    python scripts/tools/warm_kernels.py --model configs/gla_340M.json --export-cache outputs/autotune_h200
     # ... on a fresh machine:
-    python scripts/warm_kernels.py --model configs/gla_340M.json --import-cache outputs/autotune_h200 && \\
+    python scripts/tools/warm_kernels.py --model configs/gla_340M.json --import-cache outputs/autotune_h200 && \\
     torchrun --nproc_per_node=8 train.py --job.config_file configs/gla_340M.toml
 
 (--seq-len 4096 --batch 8 are the defaults; pass the job's training.seq_len / local_batch_size.)
@@ -64,8 +64,7 @@ import tempfile
 import time
 import zlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.autotune_cache import export_results, import_results, result_files, triton_cache_dir  # noqa: E402
 WORKER_VOCAB = 4096  # workers' vocabulary: the logits are the largest allocation and select no autotuned kernel

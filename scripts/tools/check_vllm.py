@@ -22,14 +22,14 @@ hook's share of a step and the export bandwidth.
 
 Prints one table, writes everything as JSON (``--out``), exits 1 when a check fails.
 
-    python scripts/check_vllm.py --model_config configs/llama_360M.json --transports ipc,gloo \\
+    python scripts/tools/check_vllm.py --model_config configs/llama_360M.json --transports ipc,gloo \\
         --steps 30 --interval 3 --sleep --out check_vllm.json
 
 The trainer runs with this interpreter and environment; ``--trainer_pythonpath`` replaces its
 PYTHONPATH (when vLLM and flare's trainer live in different site folders). ``nccl`` needs the
 trainer on another GPU than the engine (disaggregated): start this script with
 ``CUDA_VISIBLE_DEVICES`` naming the engine's GPU and pass ``--trainer_devices`` for the trainer's
-(e.g. ``CUDA_VISIBLE_DEVICES=1 python scripts/check_vllm.py --transports nccl --trainer_devices 0``).
+(e.g. ``CUDA_VISIBLE_DEVICES=1 python scripts/tools/check_vllm.py --transports nccl --trainer_devices 0``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXTENSION = "recipe.rollout.engine.vllm_extension.FlareWorkerExtension"
 BOS = 256  # flare's byte tokenizer: id == byte value, then <|bos|>, <|eos|>, <|pad|>
 PROMPTS = [

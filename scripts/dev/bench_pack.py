@@ -1,9 +1,9 @@
 """Host time per tensor of packing and unpacking export buckets (no transport, one process).
 
-    python scripts/bench_pack.py --model tiny-deep            # CPU: 1.5b's 219 tensors, a few KiB each
-    python scripts/bench_pack.py --model 1.5b --device cuda   # GPU: copies queued, host time only
+    python scripts/dev/bench_pack.py --model tiny-deep            # CPU: 1.5b's 219 tensors, a few KiB each
+    python scripts/dev/bench_pack.py --model 1.5b --device cuda   # GPU: copies queued, host time only
 
-Builds a Llama of ``scripts/bench_export.py``'s shapes, plans its export (bf16, 512 MiB buckets)
+Builds a Llama of ``scripts/benchmarks/bench_export.py``'s shapes, plans its export (bf16, 512 MiB buckets)
 and times, per tensor: ``unpack`` (the receiver's views before ``load_weights``), ``load``
 (unpack plus the reference engine's ``load_weights``, one TP rank: the receiver's whole host path
 per bucket) and ``WeightSource.fill`` (the trainer's sources, views and casting copies). Medians over
@@ -23,14 +23,13 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.rollout.trainer.adapters import get_export_adapter  # noqa: E402
 from recipe.rollout.engine.reference_receiver import build_engine  # noqa: E402
 from recipe.rollout.trainer.source import WeightSource  # noqa: E402
 from recipe.rollout.protocol import unpack  # noqa: E402
-from scripts.bench_export import MODELS, llama_config  # noqa: E402
+from scripts.benchmarks.bench_export import MODELS, llama_config  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -76,7 +75,7 @@ def main(argv=None) -> None:
             medians[name] = statistics.median(per_tensor_us(step) for _ in range(args.repeats))
     print(f"# bucket packing host time — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"device: {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
-          f"command: python scripts/bench_pack.py {' '.join(sys.argv[1:])}")
+          f"command: python scripts/dev/bench_pack.py {' '.join(sys.argv[1:])}")
     print("| model | tensors | buckets | unpack µs/tensor | load µs/tensor | fill µs/tensor |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.model} | {n} | {len(source.buckets)} | {medians['unpack']:.1f} | {medians['load']:.1f} "

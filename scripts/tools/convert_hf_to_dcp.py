@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """An HF folder (config.json + safetensors) -> a model-only DCP checkpoint for the trainer.
 
-    python scripts/convert_hf_to_dcp.py --hf path/to/hf_model --output outputs/ft/init/step-0
+    python scripts/tools/convert_hf_to_dcp.py --hf path/to/hf_model --output outputs/ft/init/step-0
     python train.py ... --model.config path/to/hf_model --model.tokenizer path/to/hf_model \
         --checkpoint.initial_load_path outputs/ft/init/step-0
 
@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe import hf_io  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""The box's raw NCCL broadcast bandwidth between GPUs: the reference for scripts/bench_export.py.
+"""The box's raw NCCL broadcast bandwidth between GPUs: the reference for scripts/benchmarks/bench_export.py.
 
-    torchrun --nproc_per_node=2 scripts/bench_nccl_broadcast.py [--sizes-mb 64,512,1024] [--repeats 10]
+    torchrun --nproc_per_node=2 scripts/benchmarks/bench_nccl_broadcast.py [--sizes-mb 64,512,1024] [--repeats 10]
 
 Rank 0 broadcasts a bf16 buffer of each size to every other rank; prints the median time and GB/s
 (bytes / time, 1 GB = 1e9 bytes) as a markdown table.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A flare DCP checkpoint (saved in any parallel layout) -> an HF folder for from_pretrained.
 
-    python scripts/convert_dcp_to_hf.py --checkpoint outputs/debug/checkpoint/step-30 \
+    python scripts/tools/convert_dcp_to_hf.py --checkpoint outputs/debug/checkpoint/step-30 \
         --config configs/gla_debug.json --output hf/gla-debug [--tokenizer bytes] [--dtype bfloat16]
 
 Reads only the model weights (optimizer and other states are skipped), checks every key and shape
@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe import hf_io  # noqa: E402
 

@@ -1,10 +1,10 @@
 """Kill a training job with SIGKILL at random moments, restart it with the same command, and check
 that the final loss curve equals an uninterrupted run's, step for step.
 
-    python scripts/soak_resume.py                 # short: 3 kills, tiny Llama, 1 process (~1 min on CPU)
-    python scripts/soak_resume.py --kills 25 --nproc 2 --steps 60        # long mode
-    python scripts/soak_resume.py --kills 20 -- --model.config configs/gla_debug.json  # extra train.py args
-    python scripts/soak_resume.py --kills 25 --rollout   # also export weights after every step (gloo) to
+    python scripts/dev/soak_resume.py                 # short: 3 kills, tiny Llama, 1 process (~1 min on CPU)
+    python scripts/dev/soak_resume.py --kills 25 --nproc 2 --steps 60        # long mode
+    python scripts/dev/soak_resume.py --kills 20 -- --model.config configs/gla_debug.json  # extra train.py args
+    python scripts/dev/soak_resume.py --kills 25 --rollout   # also export weights after every step (gloo) to
                                                          # flare's reference receiver: kills land mid-export too
 
 Kills land anywhere: during a step, a checkpoint write, start-up. Each restart must continue from
@@ -25,8 +25,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.net import free_port  # noqa: E402
 

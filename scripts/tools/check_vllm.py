@@ -92,6 +92,21 @@ def engine_weights(worker) -> dict:
     return out
 
 
+# Weights vLLM's loaders store transformed: HF name suffix -> (engine suffix, the same transform of
+# what was sent). Mamba2: vLLM keeps A = -exp(A_log) in fp32 (layers/mamba/mamba_mixer2.py).
+ENGINE_FORMS = {".A_log": (".A", lambda t: -t.float().exp())}
+
+
+def as_engine_holds(name: str, sent, engine: dict):
+    """(engine name, what the engine should hold) for a sent tensor; (None, None) if it has none."""
+    if name in engine:
+        return name, sent
+    for suffix, (engine_suffix, transform) in ENGINE_FORMS.items():
+        if name.endswith(suffix) and name[:-len(suffix)] + engine_suffix in engine:
+            return name[:-len(suffix)] + engine_suffix, transform(sent)
+    return None, None
+
+
 def engine_memory(worker) -> dict:
     import torch
 
@@ -148,13 +163,33 @@ def compare_version(llm, ref: Reference, snapshot_path: str, args) -> dict:
 
     sent = load_file(snapshot_path, device="cuda")
     engine = llm.collective_rpc(engine_weights)[0]
-    missing = sorted(set(sent) - set(engine))
-    differ = sorted(n for n in sent if n in engine and not torch.equal(engine[n], sent[n]))
-    never_sent = sorted(set(engine) - set(sent) - {"lm_head.weight"})
-    result = {"tensors_sent": len(sent), "engine_tensors": len(engine), "missing_in_engine": missing[:5],
-              "not_bit_exact": differ[:5], "n_not_bit_exact": len(differ), "never_sent": never_sent[:5]}
+    pairs, missing, transformed = {}, [], 0
+    for name, tensor in sent.items():
+        engine_name, expected = as_engine_holds(name, tensor, engine)
+        if engine_name is None:
+            missing.append(name)
+            continue
+        held = engine[engine_name]
+        transformed += engine_name != name
+        pairs[name] = (held.reshape(expected.shape) if held.numel() == expected.numel() else held, expected,
+                       engine_name == name)
+    def same(held, expected, as_sent):
+        if held.shape != expected.shape:
+            return False
+        if as_sent:
+            return torch.equal(held, expected)
+        # a value vLLM's loader computed, maybe on another device (gloo: the CPU): 1e-6 relative
+        return torch.allclose(held, expected, rtol=1e-6, atol=0)
+
+    differ = sorted(n for n, pair in pairs.items() if not same(*pair))
+    engine_names = {as_engine_holds(n, t, engine)[0] for n, t in sent.items()}
+    never_sent = sorted(set(engine) - engine_names - {"lm_head.weight"})
+    result = {"tensors_sent": len(sent), "engine_tensors": len(engine), "missing_in_engine": sorted(missing)[:5],
+              "transformed_by_engine": transformed, "not_bit_exact": differ[:5], "n_not_bit_exact": len(differ),
+              "never_sent": never_sent[:5]}
     if differ:
-        result["max_abs_diff"] = max(float((engine[n].float() - sent[n].float()).abs().max()) for n in differ)
+        result["max_abs_diff"] = max((float((pairs[n][0].float() - pairs[n][1].float()).abs().max())
+                                      for n in differ if pairs[n][0].shape == pairs[n][1].shape), default=None)
     ref.load(sent)
     del sent, engine
 

@@ -1,0 +1,72 @@
+"""The parts of scripts/tools/check_vllm.py that run without vLLM: how it reads vLLM's parameters
+back under HF names (packed modules split, loader transforms), and its refusals before vLLM starts."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from scripts.tools.check_vllm import as_engine_holds, engine_weights
+from tests.rollout.test_rollout_units import ROOT
+
+
+class Packed(torch.nn.Module):
+    """A vLLM merged linear: one weight, ``output_sizes`` rows per packed HF weight."""
+
+    def __init__(self, sizes, cols):
+        super().__init__()
+        self.output_sizes = sizes
+        self.weight = torch.nn.Parameter(torch.randn(sum(sizes), cols))
+
+
+def test_engine_weights_split_vllm_packed_modules_back_into_hf_names():
+    layer = torch.nn.Module()
+    layer.self_attn = torch.nn.Module()
+    layer.self_attn.qkv_proj = Packed([8, 4, 4], 8)
+    layer.mlp = torch.nn.Module()
+    layer.mlp.gate_up_proj = Packed([12, 12], 8)
+    layer.mlp.down_proj = torch.nn.Linear(12, 8, bias=False)
+    model = torch.nn.Module()
+    model.layer = layer
+    model.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    got = engine_weights(SimpleNamespace(model_runner=SimpleNamespace(model=model)))
+    qkv, gate_up = layer.self_attn.qkv_proj.weight, layer.mlp.gate_up_proj.weight
+    assert sorted(got) == sorted(["layer.self_attn.q_proj.weight", "layer.self_attn.k_proj.weight",
+                                  "layer.self_attn.v_proj.weight", "layer.mlp.gate_proj.weight",
+                                  "layer.mlp.up_proj.weight", "layer.mlp.down_proj.weight"])
+    assert torch.equal(got["layer.self_attn.k_proj.weight"], qkv[8:12])
+    assert torch.equal(got["layer.self_attn.v_proj.weight"], qkv[12:])
+    assert torch.equal(got["layer.mlp.up_proj.weight"], gate_up[12:])
+
+
+def test_a_weight_vllm_stores_transformed_is_compared_in_its_engine_form():
+    a_log = torch.randn(4, dtype=torch.bfloat16)
+    engine = {"backbone.layers.0.mixer.A": -a_log.float().exp(), "backbone.layers.0.mixer.D": torch.ones(4)}
+    name, expected = as_engine_holds("backbone.layers.0.mixer.A_log", a_log, engine)
+    assert name == "backbone.layers.0.mixer.A" and torch.equal(expected, engine[name])
+    assert as_engine_holds("backbone.layers.0.mixer.D", engine["backbone.layers.0.mixer.D"], engine)[0].endswith(".D")
+    assert as_engine_holds("backbone.layers.0.mixer.dt_bias", a_log, engine) == (None, None)
+
+
+def test_check_vllm_refuses_a_head_size_vllm_cannot_serve_before_starting_anything(tmp_path):
+    with open(f"{ROOT}/configs/tiny/llama.json") as f:
+        config = json.load(f)
+    config.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=4)  # head size 16
+    path = tmp_path / "small_heads.json"
+    path.write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "scripts/tools/check_vllm.py", "--model_config", str(path), "--work",
+                          str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"check_vllm: {path}: head size 16 < 32, which vLLM's Triton attention "
+                                               "cannot serve; use a config with head_dim >= 32 (e.g. "
+                                               "configs/llama_360M.json)"]
+
+
+def test_check_vllm_nccl_needs_the_trainer_on_another_gpu():
+    out = subprocess.run([sys.executable, "scripts/tools/check_vllm.py", "--transports", "ipc,nccl"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "check_vllm: --transports nccl puts the trainer on another GPU than the engine: pass --trainer_devices "
+        "(and CUDA_VISIBLE_DEVICES for the engine)"]

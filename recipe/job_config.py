@@ -181,6 +181,47 @@ class Rollout:
 
 
 @dataclass
+class RL:
+    """On-policy reinforcement learning from the engine's rollouts (docs/rl.md): every step the
+    trainer exports its weights (the `rollout` hook), asks the engine for `group_size` completions
+    of each prompt with their log-probabilities, scores them, and takes a GRPO step."""
+
+    enable: bool = False
+    """Train on the engine's rollouts instead of the dataset (needs the rollout hook, interval 1)."""
+
+    task: str = "reverse"
+    """Prompts: a built-in task ("reverse": reverse a digit string, "add": add two numbers) or a
+    JSON-lines file with "prompt" and "answer" fields."""
+
+    prompts_per_step: int = 8
+    """Prompts per optimizer step (all data-parallel ranks together)."""
+
+    group_size: int = 8
+    """Completions sampled per prompt; advantages are relative to the group's mean reward."""
+
+    max_new_tokens: int = 8
+    """Longest completion; generation also stops after a newline or EOS."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the engine (the engine's log-probabilities are at this temperature)."""
+
+    reward: str = "recipe.rl.tasks:exact_match"
+    """Dotted path of the reward function: f(completion: str, answer: str) -> float."""
+
+    normalize_std: bool = True
+    """Divide each group's advantages by its reward standard deviation (GRPO); false: mean only."""
+
+    clip_eps: float = 0.2
+    """Clip range of the importance ratio between the trainer's and the engine's token probabilities."""
+
+    seed: int = 0
+    """Seed of prompt sampling and of the engine's sampling (offset by the weight version)."""
+
+    request_timeout_s: float = 300.0
+    """How long the trainer waits for the engine's completions of one step."""
+
+
+@dataclass
 class Debug:
     traceback: bool = False
     """Show full tracebacks for configuration and input errors (default: one line)."""
@@ -196,4 +237,5 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     hooks: Hooks = field(default_factory=Hooks)
     rollout: Rollout = field(default_factory=Rollout)
+    rl: RL = field(default_factory=RL)
     debug: Debug = field(default_factory=Debug)

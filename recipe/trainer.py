@@ -53,6 +53,8 @@ from recipe.model import (
     uses_fla,
 )
 from recipe.net import free_port
+from recipe.rl.loss import grpo_loss, token_logprobs
+from recipe.rl.rollouts import RolloutSource, validate_rl
 from recipe.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Trainer(Stateful):
                 "cannot take cu_seqlens; set training.varlen = false"
             )
         validate_parallelism(self.model_config, jc)
+        validate_rl(jc)
         if jc.checkpoint.last_save_in_hf:
             raise ConfigError(
                 "checkpoint.last_save_in_hf needs a torchtitan state-dict adapter, which flare's models do "
@@ -100,6 +103,7 @@ class Trainer(Stateful):
         dist_utils.set_determinism(pd, self.device, jc.debug, distinct_seed_mesh_dims=[])
 
         self.dataloader = build_dataloader(jc, self.tokenizer, dp_rank=dp_rank, dp_world_size=dp_degree)
+        self.rl = RolloutSource(jc, self.tokenizer, dist.get_rank(), dp_rank, dp_degree) if jc.rl.enable else None
 
         # Model: meta → converters (float8) → parallelize → materialize → init.
         disable_unsupported_fused_kernels(self.model_config, self.device_type)
@@ -208,15 +212,20 @@ class Trainer(Stateful):
         snapshot = maybe_enable_memory_snapshot(jc.profiling, global_step=self.step, base_folder=jc.job.dump_folder)
         with profile as profiler, snapshot as memory_profiler:
             batches = iter(self.dataloader)
+            if self.rl is not None:
+                self._export_for_rl()
             while self.step < jc.training.steps:
                 self.step += 1
                 self.gc_handler.run(self.step)
-                micro_batches = self._next_micro_batches(batches)
-                if micro_batches is None:
-                    logger.warning(f"Data exhausted: stopping before step {self.step}")
-                    self.step -= 1
-                    break
-                record = self.train_step(micro_batches)
+                if self.rl is not None:
+                    record = self.rl_train_step()
+                else:
+                    micro_batches = self._next_micro_batches(batches)
+                    if micro_batches is None:
+                        logger.warning(f"Data exhausted: stopping before step {self.step}")
+                        self.step -= 1
+                        break
+                    record = self.train_step(micro_batches)
                 self.checkpointer.save(self.step, last_step=self.step == jc.training.steps)
                 run_post_step_hooks(self.hooks, self._step_state(record))
                 if profiler:
@@ -308,6 +317,61 @@ class Trainer(Stateful):
             self.step, float(global_loss), float(loss_max), float(grad_norm), lr,
             {"tokens_seen": tokens, "skipped_steps": self.skipped_steps},
         )
+        record["found_inf"] = found_inf
+        return record
+
+    def _export_for_rl(self) -> None:
+        """The engine samples the first step from the weights training starts with (version = the
+        current step); the rollout hook exports every later step's."""
+        from recipe.rollout.trainer.hook import RolloutHook
+
+        hook = next(h for h in self.hooks if isinstance(h, RolloutHook))
+        hook.export(self.model, self.step)
+
+    def rl_train_step(self) -> dict:
+        """One GRPO step on the completions the engine sampled from the previous step's weights."""
+        jc, pd = self.job_config, self.parallel_dims
+        start = time.perf_counter()
+        batch = self.rl.next_batch(self.step - 1, self.device)
+        self.metrics.data_wait_s += time.perf_counter() - start
+        self.optimizers.zero_grad()
+        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+        with self.train_context():
+            with self.autocast():
+                logits = self.model(input_ids=batch.tokens).logits
+            logp = token_logprobs(logits, batch.tokens)
+            del logits
+            loss, stats = grpo_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, jc.rl.clip_eps,
+                                    batch.global_tokens)
+            loss.backward()
+        n_tokens = int(batch.mask.sum())
+        self.ntokens_seen += n_tokens
+        self.metrics.ntokens_since_last_log += n_tokens
+        self.metrics.steps_since_last_log += 1
+        max_norm = jc.training.max_norm if jc.training.max_norm > 0 else math.inf
+        grad_norm = dist_utils.clip_grad_norm_(list(self.model.parameters()), max_norm, foreach=True)
+        found_inf = self._optimizer_step(grad_norm)
+        self.lr_schedulers.step()
+        if not self.metrics.should_log(self.step):
+            return {"found_inf": found_inf}
+        self._account_skips()
+        loss = loss.detach()
+        gap_max = stats["logprob_gap_max"]
+        if pd.dp_enabled:
+            loss_mesh = pd.get_optional_mesh("loss")
+            global_loss = dist_utils.dist_sum(loss, loss_mesh)
+            gap_max = dist_utils.dist_max(gap_max, loss_mesh)
+            tokens = int(dist_utils.dist_sum(torch.tensor(self.ntokens_seen, device=self.device, dtype=torch.float64),
+                                             loss_mesh))
+        else:
+            global_loss, gap_max, tokens = loss.item(), gap_max.item(), self.ntokens_seen
+        rl_metrics = {**batch.metrics, "logprob_gap_max": float(gap_max),
+                      "logprob_gap_mean": float(stats["logprob_gap_mean"]), "clip_fraction": float(stats["clip_fraction"])}
+        record = self.metrics.log(self.step, float(global_loss), float(global_loss), float(grad_norm), lr,
+                                  {"tokens_seen": tokens, "skipped_steps": self.skipped_steps, **rl_metrics})
+        logger.info(f"rl step {self.step:>5}  reward {rl_metrics['reward_mean']:.3f}  advantage std "
+                    f"{rl_metrics['advantage_std']:.3f}  logprob gap mean {rl_metrics['logprob_gap_mean']:.4f} "
+                    f"max {rl_metrics['logprob_gap_max']:.4f}  clipped {100 * rl_metrics['clip_fraction']:.1f}%")
         record["found_inf"] = found_inf
         return record
 
@@ -416,6 +480,8 @@ class Trainer(Stateful):
         self.consecutive_skips = state_dict.get("consecutive_skips", 0)
 
     def close(self) -> None:
+        if getattr(self, "rl", None) is not None:
+            self.rl.close()
         close_hooks(getattr(self, "hooks", []))
         if getattr(self, "checkpointer", None) is not None:
             self.checkpointer.close()

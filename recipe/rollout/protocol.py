@@ -325,3 +325,20 @@ def open_ipc_handle(h: dict) -> torch.Tensor:
         dtype_from_name(h["dtype"]), device, d(h["handle"]), h["storage_bytes"], h["storage_offset"],
         False, d(h["ref_handle"]), h["ref_offset"], d(h["event_handle"]), h["event_sync"],
     )
+
+
+# --------------------------------------------------------------------------- generation requests (RL)
+# The trainer asks the engine for completions of the version it just exported: it numbers its
+# requests with a counter on the engine's store and writes request n as JSON under its key; the
+# engine serves them in order and writes the reply under the reply key. The counter lives in the
+# engine's store, so a restarted trainer continues the numbering.
+
+RL_COUNTER = "flare/rl/requests"
+
+
+def rl_request_key(n: int) -> str:
+    return f"flare/rl/request{n}"
+
+
+def rl_reply_key(n: int) -> str:
+    return f"flare/rl/reply{n}"

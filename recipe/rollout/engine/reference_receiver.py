@@ -31,6 +31,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
+from functools import partial  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -40,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from recipe.rollout.trainer.adapters import heads_per_rank, rank_heads  # noqa: E402
 from recipe.rollout.engine.endpoint import ReceiverEndpoint, TrainerClosed  # noqa: E402
+from recipe.rollout.engine.generation import GenerationService, sample_from_logits  # noqa: E402
 
 logger = logging.getLogger("flare.receiver")
 
@@ -328,6 +330,8 @@ def main(argv=None, wrap_load=None) -> None:
     ap.add_argument("--probe_seed", type=int, default=0)
     ap.add_argument("--max_versions", type=int, default=0, help="exit after this many versions (0: serve)")
     ap.add_argument("--ready_file", default=None, help="touched once the rendezvous store listens")
+    ap.add_argument("--serve_rollouts", action="store_true",
+                    help="after each version, answer the trainer's generation request (RL; one rank only)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[receiver {args.rank}] %(message)s")
     tp = args.tp_size or args.world_size
@@ -367,6 +371,9 @@ def main(argv=None, wrap_load=None) -> None:
         engine.coverage.check()
 
     n = 0
+    if args.serve_rollouts and args.world_size != 1:
+        raise SystemExit("--serve_rollouts samples on one engine rank: use --world_size 1")
+    service = GenerationService(endpoint.store) if args.serve_rollouts else None
     try:
         while True:
             try:
@@ -375,6 +382,8 @@ def main(argv=None, wrap_load=None) -> None:
                 logger.info("trainer closed the connection: exiting")
                 break
             n += 1
+            if service is not None:
+                service.serve(version, partial(sample_from_logits, engine.logits), wait_s=args.timeout_s)
             logger.info(f"applied version {version}")
             if args.dump_dir:
                 t0 = time.perf_counter()

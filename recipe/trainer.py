@@ -339,7 +339,7 @@ class Trainer(Stateful):
         with self.train_context():
             with self.autocast():
                 logits = self.model(input_ids=batch.tokens).logits
-            logp = token_logprobs(logits, batch.tokens)
+            logp = token_logprobs(logits, batch.tokens, jc.rl.temperature)
             del logits
             loss, stats = grpo_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, jc.rl.clip_eps,
                                     batch.global_tokens)

@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 
-def token_logprobs(logits, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(tokens[:, t + 1] | tokens[:, :t + 1]) for every position t: [B, T - 1]. Under tensor
-    parallelism the logits are split over the vocabulary (loss parallel) and the cross entropy
-    reduces over the shards."""
+def token_logprobs(logits, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(tokens[:, t + 1] | tokens[:, :t + 1]) at ``temperature`` for every position t: [B, T - 1]
+    (the distribution the engine sampled from). Under tensor parallelism the logits are split over
+    the vocabulary (loss parallel) and the cross entropy reduces over the shards."""
     b, t = tokens.shape
     pred = logits[:, :-1].flatten(0, 1).float()
+    if temperature != 1.0:
+        pred = pred / temperature
     logp = -F.cross_entropy(pred, tokens[:, 1:].flatten(), reduction="none")
     if isinstance(logp, DTensor):
         logp = logp.full_tensor()

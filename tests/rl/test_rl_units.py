@@ -52,6 +52,8 @@ def test_token_logprobs_are_the_log_softmax_of_the_next_token():
     logits, tokens = torch.randn(2, 5, 11, generator=g), torch.randint(0, 11, (2, 5), generator=g)
     expected = logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     torch.testing.assert_close(token_logprobs(logits, tokens), expected)
+    hot = (logits / 0.7).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    torch.testing.assert_close(token_logprobs(logits, tokens, temperature=0.7), hot)
 
 
 def test_group_advantages():

@@ -7,8 +7,10 @@ reported as a ``ConfigError`` whose one-line message names the key (or file) and
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import inspect
 import os
 import sys
 import types
@@ -24,29 +26,96 @@ except ModuleNotFoundError:  # Python < 3.11
 from torchtitan.config import ConfigManager
 
 from recipe import job_config as flare_sections
+from recipe import torchtitan_keys
 from recipe.errors import ConfigError
 
-# Features torchtitan has but flare does not wire up for fla models: refused with a clear message.
-_UNSUPPORTED_DEGREES = {
-    "pipeline_parallel_degree": "pipeline parallelism",
-    "context_parallel_degree": "context parallelism",
-    "expert_parallel_degree": "expert parallelism",
-}
+
+def field_docstrings(module: types.ModuleType) -> dict[tuple[type, str], str]:
+    """{(dataclass, field name): its docstring, whitespace collapsed} for the dataclasses of `module`."""
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError):  # no source (e.g. a compiled module)
+        return {}
+    docs = {}
+    for node in tree.body:
+        cls = getattr(module, node.name, None) if isinstance(node, ast.ClassDef) else None
+        if not is_dataclass(cls):
+            continue
+        for stmt, doc in zip(node.body, node.body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                docs[(cls, stmt.target.id)] = " ".join(doc.value.value.split())
+    return docs
+
+
+def _set_help(cls: type, name: str, text: str) -> None:
+    f = cls.__dataclass_fields__[name]
+    f.metadata = types.MappingProxyType({**f.metadata, "help": text})
+
+
+def docstrings_as_help(module: types.ModuleType) -> None:
+    """Copy each dataclass field's docstring in `module` into its ``metadata["help"]``.
+
+    tyro reads a field's help from the docstrings of its class and that class's bases. torchtitan's
+    merge puts flare's fields into new subclasses of torchtitan's sections, so ``--help`` showed
+    nothing for flare's additions there and torchtitan's text for the fields flare overrides. The
+    merge keeps the Field objects, and tyro prefers ``metadata["help"]`` to docstrings.
+    """
+    for (cls, name), doc in field_docstrings(module).items():
+        if "help" not in cls.__dataclass_fields__[name].metadata:
+            _set_help(cls, name, doc)
+
+
+_REFUSED_MARK = "flare refuses any value but the default:"
+
+
+def refusals_in_help() -> None:
+    """Append flare's refusal (recipe/torchtitan_keys.py) to the ``--help`` text of each refused
+    torchtitan key, except in classes torchtitan uses for several sections (its DataLoader)."""
+    from torchtitan.config import job_config as titan
+
+    docs = field_docstrings(titan)
+    uses: dict[type, int] = {}
+
+    def count(cls):
+        for f in fields(cls):
+            if is_dataclass(f.type):
+                uses[f.type] = uses.get(f.type, 0) + 1
+                count(f.type)
+
+    count(titan.JobConfig)
+    for key, reason in torchtitan_keys.REFUSED.items():
+        *sections, name = key.split(".")
+        cls = titan.JobConfig
+        for section in sections:
+            cls = cls.__dataclass_fields__[section].type
+        current = cls.__dataclass_fields__[name].metadata.get("help", docs.get((cls, name), ""))
+        if uses.get(cls, 0) == 1 and _REFUSED_MARK not in current:
+            _set_help(cls, name, f"{current} [{_REFUSED_MARK} {reason}]".strip())
 
 
 class FlareConfigManager(ConfigManager):
     """torchtitan's ConfigManager that always merges flare's sections (recipe/job_config.py)."""
 
     def _maybe_add_custom_config(self, args, toml_values):
+        docstrings_as_help(flare_sections)
+        refusals_in_help()
         merged = self._merge_configs(self.config_cls, flare_sections.JobConfig)
         user_module = _custom_config_module(args, toml_values)
         if user_module:
             try:
-                user_cls = importlib.import_module(user_module).JobConfig
+                module = importlib.import_module(user_module)
+                user_cls = module.JobConfig
             except (ImportError, AttributeError) as e:
                 raise ConfigError(
                     f"job.custom_config_module: cannot import JobConfig from '{user_module}' ({e})"
                 ) from None
+            docstrings_as_help(module)
             merged = self._merge_configs(merged, user_cls)
         return merged
 
@@ -379,9 +448,38 @@ def _validate_converters(names: list[str]) -> None:
             )
 
 
+def _get(config, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _toml_repr(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def check_refused_keys(config) -> None:
+    """torchtitan keys flare does not act on (recipe/torchtitan_keys.py) must keep torchtitan's default."""
+    from torchtitan.config import JobConfig as TorchtitanJobConfig
+
+    defaults = TorchtitanJobConfig()
+    for key, reason in torchtitan_keys.REFUSED.items():
+        value = _get(config, key)
+        if value != _get(defaults, key):
+            raise ConfigError(f"{key}={_toml_repr(value)}: {reason}")
+    for key, (acted_on, reason) in torchtitan_keys.REFUSED_VALUES.items():
+        value = _get(config, key)
+        if not acted_on(value):
+            raise ConfigError(f"{key}={_toml_repr(value)}: {reason}")
+
+
 def validate(config, world_size: int) -> None:
     """Cross-field checks that need no devices and no process group."""
     t, p, c = config.training, config.parallelism, config.checkpoint
+
+    check_refused_keys(config)
 
     for key, value in (
         ("training.steps", t.steps),
@@ -411,9 +509,6 @@ def validate(config, world_size: int) -> None:
 
     _validate_converters(config.model.converters)
 
-    for key, what in _UNSUPPORTED_DEGREES.items():
-        if getattr(p, key) != 1:
-            raise ConfigError(f"parallelism.{key}={getattr(p, key)}: {what} is not supported by flare; set it to 1")
     for key in ("data_parallel_replicate_degree", "tensor_parallel_degree"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallelism.{key}={getattr(p, key)}: must be >= 1")

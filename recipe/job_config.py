@@ -18,6 +18,10 @@ class Job:
     made on this kind of machine with this Triton/fla are installed into the Triton cache before the
     first step, which then skips fla's minutes of autotuning. Empty: install nothing."""
 
+    dry_run: bool = False
+    """Check the config, build the model on the meta device, print parameters, FLOPs per token, the
+    parallel plan and a per-rank memory estimate, and exit: no process group, no GPU work, no data read."""
+
 
 @dataclass
 class Model:

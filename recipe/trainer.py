@@ -66,6 +66,17 @@ class TooManySkippedSteps(UserError):
     pass
 
 
+def check_model_against_job(model_config, job_config, world_size: int | None = None) -> None:
+    """The checks that need the model config but no devices (the trainer and --job.dry_run)."""
+    if job_config.training.varlen and not uses_fla(model_config):
+        raise ConfigError(
+            f"training.varlen: model_type '{model_config.model_type}' is not an fla model and "
+            "cannot take cu_seqlens; set training.varlen = false"
+        )
+    validate_parallelism(model_config, job_config, world_size)
+    validate_rl(job_config)
+
+
 class Trainer(Stateful):
     def __init__(self, job_config):
         self.job_config = jc = job_config
@@ -76,18 +87,7 @@ class Trainer(Stateful):
         self.tokenizer = build_tokenizer(jc)
         self.model_config = load_model_config(jc.model.config)
         reconcile_with_tokenizer(self.model_config, self.tokenizer)
-        if jc.training.varlen and not uses_fla(self.model_config):
-            raise ConfigError(
-                f"training.varlen: model_type '{self.model_config.model_type}' is not an fla model and "
-                "cannot take cu_seqlens; set training.varlen = false"
-            )
-        validate_parallelism(self.model_config, jc)
-        validate_rl(jc)
-        if jc.checkpoint.last_save_in_hf:
-            raise ConfigError(
-                "checkpoint.last_save_in_hf needs a torchtitan state-dict adapter, which flare's models do "
-                "not have; set checkpoint.export_hf_on_finish = true (or use scripts/tools/convert_dcp_to_hf.py)"
-            )
+        check_model_against_job(self.model_config, jc)
 
         self.parallel_dims = pd = self._init_distributed()
         self.device = self._init_device()
@@ -115,7 +115,7 @@ class Trainer(Stateful):
         n_params = count_parameters(model)
         self.flops_per_token = flops_lib.flops_per_token(self.model_config, jc.training.seq_len, model)
         logger.info(
-            f"Model {self.model_config.model_type}: {n_params:,} parameters, "
+            f"Model {jc.model.name} ({self.model_config.model_type}): {n_params:,} parameters, "
             f"{self.flops_per_token / 1e9:.3f} GFLOP/token (training)"
         )
         model = parallelize_fla(model, pd, jc)

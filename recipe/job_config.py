@@ -175,9 +175,9 @@ class Rollout:
     """log: report a failed export, keep training and retry at the next interval; raise: stop."""
 
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
-    """colocated: engine shares the trainer's GPUs (sleeps while training; ipc or vllm transport,
-    gloo on CPU); with several trainer ranks they then step through the buckets in lockstep on the
-    host. disaggregated: engine on its own GPUs or nodes (nccl, gloo or vllm transport)."""
+    """colocated: engine shares the trainer's GPUs (sleeps while training; ipc or gloo transport);
+    with several trainer ranks they then step through the buckets in lockstep on the host.
+    disaggregated: engine on its own GPUs or nodes (nccl, gloo or vllm transport)."""
 
     fused_layout: bool = False
     """Send q/k/v and gate/up pre-fused per engine TP rank (qkv_proj, gate_up_proj) instead of HF

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 
 from recipe.errors import ConfigError
@@ -106,6 +107,7 @@ def main() -> None:
     if not args.out or args.task not in BUILTIN:
         ap.error("writing examples needs --out and a built-in --task")
     rng = random.Random(args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         for _ in range(args.n):
             prompt, answer = BUILTIN[args.task](rng)

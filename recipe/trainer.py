@@ -369,7 +369,8 @@ class Trainer(Stateful):
                       "logprob_gap_mean": float(stats["logprob_gap_mean"]), "clip_fraction": float(stats["clip_fraction"])}
         record = self.metrics.log(self.step, float(global_loss), float(global_loss), float(grad_norm), lr,
                                   {"tokens_seen": tokens, "skipped_steps": self.skipped_steps, **rl_metrics})
-        logger.info(f"rl step {self.step:>5}  reward {rl_metrics['reward_mean']:.3f}  advantage std "
+        logger.info(f"rl step {self.step:>5}  reward {rl_metrics['reward_mean']:.3f}  exact {rl_metrics['exact_match']:.3f}  "
+                    f"advantage std "
                     f"{rl_metrics['advantage_std']:.3f}  logprob gap mean {rl_metrics['logprob_gap_mean']:.4f} "
                     f"max {rl_metrics['logprob_gap_max']:.4f}  clipped {100 * rl_metrics['clip_fraction']:.1f}%")
         record["found_inf"] = found_inf

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from recipe.errors import ConfigError
-from recipe.rl.tasks import Prompts
+from recipe.rl.tasks import Prompts, exact_match
 from recipe.rollout.protocol import RL_COUNTER, rl_reply_key, rl_request_key
 
 logger = logging.getLogger(__name__)
@@ -164,15 +164,16 @@ class RolloutSource:
             completions, logprobs = self.request(version, prompts)
             texts = [[self.tokenizer.decode(c, skip_special_tokens=True) for c in group] for group in completions]
             rewards = [[float(self.reward(t, answer)) for t in group] for group, (_, answer) in zip(texts, pairs)]
-            payload = [(prompts, completions, logprobs, rewards)]
+            exact = sum(exact_match(t, answer) for group, (_, answer) in zip(texts, pairs) for t in group)
+            payload = [(prompts, completions, logprobs, rewards, exact / sum(len(g) for g in texts))]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(payload, src=0)
-        prompts, completions, logprobs, rewards = payload[0]
+        prompts, completions, logprobs, rewards, exact = payload[0]
         rewards_t = torch.tensor(rewards)
         adv = group_advantages(rewards_t, self.cfg.normalize_std)
         batch = build_batch(prompts, completions, logprobs, adv, self.pad, self.dp_rank, self.dp_world)
         lengths = [len(c) for group in completions for c in group]
-        batch.metrics = {"reward_mean": float(rewards_t.mean()), "reward_std": float(rewards_t.std()),
+        batch.metrics = {"reward_mean": float(rewards_t.mean()), "exact_match": exact, "reward_std": float(rewards_t.std()),
                          "advantage_std": float(adv.std()), "completion_len": sum(lengths) / len(lengths)}
         for name in ("tokens", "mask", "old_logprobs", "advantages"):
             setattr(batch, name, getattr(batch, name).to(device))

@@ -63,6 +63,13 @@ def exact_match(completion: str, answer: str) -> float:
     return float(completion.split("\n", 1)[0].strip() == answer.strip())
 
 
+def char_accuracy(completion: str, answer: str) -> float:
+    """Partial credit: the fraction of the answer's characters the completion (up to its first
+    newline) has in the same place, over the longer of the two (extra characters cost)."""
+    got, want = completion.split("\n", 1)[0].strip(), answer.strip()
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want), 1)
+
+
 def evaluate(folder: str, task: str, prompts: int, samples: int, max_new_tokens: int, seed: int) -> dict:
     """Exact-match rate of an HF model folder on ``prompts`` fresh prompts: ``samples`` completions
     each at temperature 1 (what RL starts from), and greedy."""

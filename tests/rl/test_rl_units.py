@@ -11,7 +11,7 @@ import torch
 from recipe.errors import ConfigError
 from recipe.rl.loss import grpo_loss, token_logprobs
 from recipe.rl.rollouts import build_batch, group_advantages, validate_rl
-from recipe.rl.tasks import Prompts, exact_match
+from recipe.rl.tasks import Prompts, char_accuracy, exact_match
 
 
 def reference_loss_and_grad(logp, old, adv, mask, eps, n_global):
@@ -90,6 +90,8 @@ def test_prompts_are_the_same_for_a_step_whatever_came_before(tmp_path):
     digits = prompt.removeprefix("reverse ").removesuffix(" =")
     assert answer == digits[::-1] and exact_match(f" {answer}\nreverse", answer) == 1.0
     assert exact_match("12", "21") == 0.0
+    assert char_accuracy("4321\n", "4321") == 1.0 and char_accuracy("4301", "4321") == 0.75
+    assert char_accuracy("43210", "4321") == 0.8 and char_accuracy("", "4321") == 0.0
     rows = tmp_path / "task.jsonl"
     rows.write_text('{"prompt": "2+2=", "answer": 4}\n')
     assert Prompts(str(rows), 0).for_step(1, 2) == [("2+2=", "4")] * 2

@@ -4,7 +4,7 @@ and reward functions ``f(completion, answer) -> float``.
 Prompt and answer are plain text; the completion is the engine's text up to its first newline.
 ``python -m recipe.rl.tasks --task reverse --n 20000 --out sft.jsonl`` writes worked examples
 ("prompt" + answer + newline in a "text" field) for a supervised warm-up on the same task;
-``python -m recipe.rl.tasks --task reverse --eval outputs/rl/sft/hf/step-60`` prints the exact-match
+``python -m recipe.rl.tasks --task reverse --eval outputs/rl/sft/hf/step-150`` prints the exact-match
 rate of an HF model folder (flare's byte tokenizer) on fresh prompts, sampled and greedy.
 """
 

@@ -43,6 +43,8 @@ from recipe.hooks import StepState, build_post_step_hooks, close_hooks, run_post
 from recipe.metrics import MetricsProcessor
 from recipe.model import (
     build_model_on_meta,
+    check_model_config,
+    check_varlen,
     import_custom_module,
     count_parameters,
     disable_unsupported_fused_kernels,
@@ -50,7 +52,6 @@ from recipe.model import (
     load_hf_weights,
     load_model_config,
     reconcile_with_tokenizer,
-    uses_fla,
 )
 from recipe.net import free_port
 from recipe.tokenizer import build_tokenizer
@@ -74,11 +75,9 @@ class Trainer(Stateful):
         self.tokenizer = build_tokenizer(jc)
         self.model_config = load_model_config(jc.model.config)
         reconcile_with_tokenizer(self.model_config, self.tokenizer)
-        if jc.training.varlen and not uses_fla(self.model_config):
-            raise ConfigError(
-                f"training.varlen: model_type '{self.model_config.model_type}' is not an fla model and "
-                "cannot take cu_seqlens; set training.varlen = false"
-            )
+        check_model_config(self.model_config)
+        if jc.training.varlen:
+            check_varlen(self.model_config)
         validate_parallelism(self.model_config, jc)
         if jc.checkpoint.last_save_in_hf:
             raise ConfigError(

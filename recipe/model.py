@@ -40,7 +40,10 @@ def import_custom_module(name: str) -> None:
 
 def load_model_config(path: str):
     """An HF ``PretrainedConfig`` from a config JSON (flame's format) or an HF model folder."""
-    import fla  # noqa: F401  (registers fla's model types with transformers' Auto classes)
+    # Registers fla's model types with transformers' Auto classes. fla registers with
+    # exist_ok=True, which replaces transformers' own class of a type both have ("mamba2"): flare
+    # builds fla's Mamba2, whose parameters carry transformers' names and shapes.
+    import fla  # noqa: F401
     from transformers import AutoConfig
 
     if os.path.isdir(path):

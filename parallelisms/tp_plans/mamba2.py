@@ -152,7 +152,7 @@ class Mamba2TPPlan(TPPlan):
     block_norms = ("norm",)
 
     def validate(self) -> None:
-        c = self.config
+        c = self.config  # no MLP and no hybrid attention layers: the base checks do not apply
         self.require_divisible("vocab_size", c.vocab_size)
         self.require_divisible("num_heads", c.num_heads)
         if c.n_groups != 1:  # recipe.model.check_model_config refuses it for every layout first

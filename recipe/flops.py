@@ -156,6 +156,26 @@ def gated_deltanet_mixer_flops(config, seq_len: int) -> float:
     return flops
 
 
+def ssd_flops(heads: int, head_dim: int, groups: int, state: int, chunk: int) -> float:
+    """Mamba2's state space duality (SSD) scan, chunked as mamba_ssm's kernels compute it.
+
+    intra-chunk: C·Bᵀ once per group (2·C·N per group) and the decay-masked scores times x per
+    head (2·C·P); chunk states Bᵀ·x and their contribution C·state per head (2·N·P each).
+    Total 2·C·(G·N + H·P) + 4·H·N·P; passing states between chunks and the decays are element-wise.
+    """
+    return 2 * chunk * (groups * state + heads * head_dim) + 4 * heads * state * head_dim
+
+
+@register_mixer_flops("mamba2")
+def mamba2_mixer_flops(config, seq_len: int) -> float:
+    """Mamba2: ssd_flops with H = num_heads, P = head_dim, G = n_groups, N = state_size, chunk C =
+    chunk_size (256 in flame's configs, not fla's 64), + 2·K·(H·P + 2·G·N) for the depthwise conv
+    over x, B and C. fla 0.6's torch path (used without mamba_ssm) repeats B/C for every head and
+    contracts with broadcast products: it executes more than this, not counted."""
+    h, p, g, n = config.num_heads, config.head_dim, config.n_groups, config.state_size
+    return ssd_flops(h, p, g, n, config.chunk_size) + short_conv_flops(h * p + 2 * g * n, config.conv_kernel)
+
+
 @register_mixer_flops("transformer")
 def transformer_mixer_flops(config, seq_len: int) -> float:
     """fla Transformer: causal softmax attention, 4·min(seq, window)·H·Dh, Dh = hidden/H."""

@@ -35,6 +35,16 @@ NON_MODEL_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+# Settings fla's config classes name otherwise than transformers' class of the same model_type,
+# which transformers and vLLM build from config.json (they do not import fla): written under both.
+TRANSFORMERS_NAMES = {
+    "mamba2": {"norm_eps": "layer_norm_epsilon", "rmsnorm": "rms_norm", "dt_limit": "time_step_limit",
+               "dt_min": "time_step_min", "dt_max": "time_step_max", "dt_init_floor": "time_step_floor"},
+}
+# Initialization settings written switched off, because a reader applies them to loaded weights:
+# transformers 5.24's Mamba2 `_init_weights` divides out_proj by sqrt(num_hidden_layers) in
+# from_pretrained when rescale_prenorm_residual is set (fla's own class does not).
+EXPORT_OFF = {"mamba2": ("rescale_prenorm_residual",)}
 
 
 class ConversionError(UserError):
@@ -308,6 +318,11 @@ def write_hf(
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
     config = copy.deepcopy(spec.config)
+    if type(config).__module__.startswith("fla."):
+        for fla_name, name in TRANSFORMERS_NAMES.get(config.model_type, {}).items():
+            setattr(config, name, getattr(config, fla_name))
+        for name in EXPORT_OFF.get(config.model_type, ()):
+            setattr(config, name, False)
     config.architectures = [spec.architecture]
     config.dtype = dtype
     config.save_pretrained(folder)

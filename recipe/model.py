@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from recipe.errors import UserError
+from recipe.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,10 @@ def import_custom_module(name: str) -> None:
 
 def load_model_config(path: str):
     """An HF ``PretrainedConfig`` from a config JSON (flame's format) or an HF model folder."""
-    import fla  # noqa: F401  (registers fla's model types with transformers' Auto classes)
+    # Registers fla's model types with transformers' Auto classes. fla registers with
+    # exist_ok=True, which replaces transformers' own class of a type both have ("mamba2"): flare
+    # builds fla's Mamba2, whose parameters carry transformers' names and shapes.
+    import fla  # noqa: F401
     from transformers import AutoConfig
 
     if os.path.isdir(path):
@@ -88,11 +91,44 @@ def disable_unsupported_fused_kernels(config, device_type: str) -> None:
 
 
 def uses_fla(config) -> bool:
-    """True for models implemented by fla (they accept `cu_seqlens` for varlen batches)."""
+    """True for models implemented by fla (most accept `cu_seqlens` for varlen batches)."""
     from transformers import AutoModelForCausalLM
 
     model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     return model_cls is not None and model_cls.__module__.startswith("fla.")
+
+
+# fla families whose layers drop `cu_seqlens`: fla 0.6's Mamba2 takes it in **kwargs and never
+# uses it (its kernels get seq_idx=None), so documents packed in one row would share the state.
+_NO_CU_SEQLENS = ("mamba2",)
+
+
+def check_varlen(config) -> None:
+    """training.varlen needs a model that keeps the packed documents apart."""
+    if not uses_fla(config):
+        raise ConfigError(
+            f"training.varlen: model_type '{config.model_type}' is not an fla model and "
+            "cannot take cu_seqlens; set training.varlen = false"
+        )
+    if config.model_type in _NO_CU_SEQLENS:
+        raise ConfigError(
+            f"training.varlen: fla's {config.model_type} layer ignores cu_seqlens, so the documents packed "
+            "in a row would share its recurrent state; set training.varlen = false"
+        )
+
+
+def check_model_config(config) -> None:
+    """Refuse, before anything is built, settings flare would train into a model served otherwise."""
+    groups = getattr(config, "n_groups", 1)
+    if config.model_type == "mamba2" and uses_fla(config) and groups != 1:
+        # fla 0.6's torch SSD path (the one used without mamba_ssm, and under TP) tiles B/C over
+        # the heads (`B.repeat`): head h reads group h % n_groups. mamba_ssm, fla's own decode
+        # step, transformers and vLLM give head h the group h // (num_heads / n_groups).
+        raise ConfigError(
+            f"model.config: n_groups={groups}: fla's Mamba2 training path pairs head h with group "
+            "h % n_groups, but transformers and vLLM pair it with group h // (num_heads / n_groups), "
+            "so the trained model would not be served as trained; set n_groups=1"
+        )
 
 
 def build_model_on_meta(config) -> nn.Module:

@@ -73,7 +73,7 @@ REFUSED: dict[str, str] = {
     "checkpoint.initial_load_in_hf_quantized": _NO_SD_ADAPTER,
     "checkpoint.last_save_in_hf": (
         "needs a torchtitan state-dict adapter, which flare's models do not have; set "
-        "checkpoint.export_hf_on_finish = true (or use scripts/convert_dcp_to_hf.py)"
+        "checkpoint.export_hf_on_finish = true (or use scripts/tools/convert_dcp_to_hf.py)"
     ),
     "checkpoint.create_seed_checkpoint": (
         "flare initializes the weights from debug.seed on every layout, so no seed checkpoint is needed; "

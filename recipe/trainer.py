@@ -37,12 +37,14 @@ from recipe.checkpoint import AtomicCheckpointManager
 from recipe.config import data_parallel_degrees, gradient_accumulation_steps
 from recipe.data import build_dataloader
 from recipe.device import configure_device
-from recipe.errors import ConfigError, UserError
+from recipe.errors import UserError
 from recipe.fla_kernels import set_norm_backward_programs_per_sm
 from recipe.hooks import StepState, build_post_step_hooks, close_hooks, run_post_step_hooks
 from recipe.metrics import MetricsProcessor
 from recipe.model import (
     build_model_on_meta,
+    check_model_config,
+    check_varlen,
     import_custom_module,
     count_parameters,
     disable_unsupported_fused_kernels,
@@ -50,7 +52,6 @@ from recipe.model import (
     load_hf_weights,
     load_model_config,
     reconcile_with_tokenizer,
-    uses_fla,
 )
 from recipe.net import free_port
 from recipe.rl.loss import grpo_loss, token_logprobs
@@ -68,11 +69,9 @@ class TooManySkippedSteps(UserError):
 
 def check_model_against_job(model_config, job_config, world_size: int | None = None) -> None:
     """The checks that need the model config but no devices (the trainer and --job.dry_run)."""
-    if job_config.training.varlen and not uses_fla(model_config):
-        raise ConfigError(
-            f"training.varlen: model_type '{model_config.model_type}' is not an fla model and "
-            "cannot take cu_seqlens; set training.varlen = false"
-        )
+    check_model_config(model_config)
+    if job_config.training.varlen:
+        check_varlen(model_config)
     validate_parallelism(model_config, job_config, world_size)
     validate_rl(job_config)
 

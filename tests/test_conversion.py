@@ -32,7 +32,7 @@ from recipe.hf_io import load_config
 from recipe.tokenizer import byte_tokenizer
 
 TINY = os.path.join(ROOT, "configs", "tiny")
-FAMILIES = ["llama", "gla", "delta_net", "gated_deltanet", "retnet", "hgrn2", "transformer"]
+FAMILIES = ["llama", "gla", "delta_net", "gated_deltanet", "retnet", "hgrn2", "mamba2", "transformer"]
 
 
 def _script(name):

@@ -153,6 +153,105 @@ def test_mixer_formula_at_340M_head_dims_matches_reference():
     )
 
 
+# ---- Mamba2 (SSD)
+
+
+def _ssd_chunked_reference(x, dt, A, B, C, chunk):
+    """Mamba2's SSD as mamba_ssm's kernels chunk it, with matmuls FlopCounterMode sees: C·Bᵀ per
+    group, scores·x, chunk states Bᵀ·x and C·state per head; head h reads group h // (H / G).
+    x [b, T, H, P], dt [b, T, H] (after softplus), A [H] (< 0), B/C [b, T, G, N]; no D skip."""
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    n_chunks, per_group = T // chunk, H // G
+    xdt = (x * dt[..., None]).view(b, n_chunks, chunk, H, P)
+    log_decay = (dt * A).view(b, n_chunks, chunk, H).cumsum(2)  # [b, c, l, H]
+    B, C = B.view(b, n_chunks, chunk, G, N), C.view(b, n_chunks, chunk, G, N)
+    scores = torch.einsum("bclgn,bcsgn->bcgls", C, B).repeat_interleave(per_group, dim=2)  # [b, c, H, l, s]
+    cum = log_decay.permute(0, 1, 3, 2)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool).tril()
+    decay = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")))
+    y = torch.einsum("bchls,bcshp->bclhp", scores * decay, xdt)
+    to_end = torch.exp(log_decay[:, :, -1:] - log_decay)[..., None]  # decay from each step to the chunk's end
+    Bh, Ch = B.repeat_interleave(per_group, dim=3), C.repeat_interleave(per_group, dim=3)
+    states = torch.einsum("bclhn,bclhp->bchpn", Bh * to_end, xdt)
+    state, entering = torch.zeros(b, H, P, N), []
+    for i in range(n_chunks):  # element-wise: not counted
+        entering.append(state)
+        state = state * torch.exp(log_decay[:, i, -1])[..., None, None] + states[:, i]
+    y = y + torch.einsum("bclhn,bchpn->bclhp", Ch, torch.stack(entering, 1)) * torch.exp(log_decay)[..., None]
+    return y.reshape(b, T, H, P)
+
+
+def _ssd_recurrence(x, dt, A, B, C):
+    """The SSM step by step: h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t·B_tᵀ, y_t = h_t·C_t."""
+    b, T, H, P = x.shape
+    group = torch.arange(H) // (H // B.shape[2])
+    h, ys = torch.zeros(b, H, P, B.shape[3]), []
+    for t in range(T):
+        h = torch.exp(dt[:, t, :, None, None] * A[:, None, None]) * h
+        h = h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, group][:, :, None, :]
+        ys.append((h * C[:, t, group][:, :, None, :]).sum(-1))
+    return torch.stack(ys, 1)
+
+
+def _ssd_inputs(heads, head_dim, groups, state, seq_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, seq_len, heads, head_dim, generator=g)
+    dt = F.softplus(torch.randn(1, seq_len, heads, generator=g) - 1)
+    A = -torch.rand(heads, generator=g) * 2 - 0.1
+    B, C = (torch.randn(1, seq_len, groups, state, generator=g) / state**0.5 for _ in range(2))
+    return x, dt, A, B, C
+
+
+def test_ssd_reference_is_the_recurrence():
+    # 2 groups of 2 heads, 3 chunks: the grouping and the inter-chunk terms are what is checked.
+    x, dt, A, B, C = _ssd_inputs(heads=4, head_dim=8, groups=2, state=8, seq_len=24)
+    torch.testing.assert_close(_ssd_chunked_reference(x, dt, A, B, C, chunk=8), _ssd_recurrence(x, dt, A, B, C),
+                               rtol=1e-4, atol=1e-5)
+
+
+def _ssd_reference_flops(heads, head_dim, groups, state, chunk):
+    seq_len = 2 * chunk
+    return counted(_ssd_chunked_reference, *_ssd_inputs(heads, head_dim, groups, state, seq_len), chunk) / seq_len
+
+
+def test_mamba2_mixer_matches_ssd_reference():
+    config = tiny("mamba2")
+    with torch.device("meta"):
+        mixer = AutoModelForCausalLM.from_config(config).backbone.layers[0].mixer
+    reference = _ssd_reference_flops(mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size,
+                                     mixer.chunk_size)
+    reference += _conv_flops_per_token(mixer, 2 * mixer.chunk_size)  # over x, B and C
+    predicted = flops.MIXER_FLOPS["mamba2"](config, 2 * config.chunk_size)
+    assert predicted == pytest.approx(reference, rel=0.01)
+    # C·Bᵀ is computed once per group, not per head: 2 groups of 4 heads.
+    assert flops.ssd_flops(8, 16, 2, 16, 64) == pytest.approx(_ssd_reference_flops(8, 16, 2, 16, 64), rel=0.01)
+    # flame's 340M: 32 heads of 64, one group of state 128, chunk 256 (one head counted).
+    assert flops.ssd_flops(1, 64, 1, 128, 256) == pytest.approx(_ssd_reference_flops(1, 64, 1, 128, 256), rel=0.01)
+
+
+def test_mamba2_linear_and_conv_parts_match_counter_on_real_train_step():
+    # fla's torch SSD path contracts with broadcast products, which the counter does not see; it
+    # sees every nn.Linear (6·N_matmul) and the depthwise nn.Conv1d over x, B and C.
+    config = tiny("mamba2")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    seq_len, kernel = 64, config.conv_kernel
+    tokens = torch.randint(0, config.vocab_size, (1, seq_len))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    matmuls = sum(n for op, n in by_op.items() if "convolution" not in op) / seq_len
+    assert flops.flops_breakdown(config, seq_len, model)["matmul"] == pytest.approx(matmuls, rel=0.01)
+    # nn.Conv1d pads both sides by K-1 and fla keeps the first seq_len of its seq_len+K-1 outputs.
+    # Only the forward is compared: the counter's convolution_backward counts a depthwise conv as
+    # a dense one (groups ignored), so backward is taken as 2 × forward as for the other families.
+    conv_per_output = by_op["aten.convolution"] / (seq_len + kernel - 1)
+    mixer = model.backbone.layers[0].mixer
+    assert conv_per_output == config.num_hidden_layers * flops.short_conv_flops(mixer.conv1d.in_channels, kernel)
+
+
 # ---- softmax attention
 
 

@@ -30,6 +30,7 @@ SIZES = {
     "retnet_340M": (340e6, 380_165_120),
     "hgrn2_340M": (340e6, 341_148_672),  # tied embeddings, as flame's hgrn2_340M
     "transformer_340M": (340e6, 373_867_520),
+    "mamba2_340M": (340e6, 382_387_712),  # flame's mamba2_340M (48 layers, untied embeddings)
     "llama_360M": (360e6, 373_867_520),
     "gla_1B": (1.3e9, 1_365_514_240),
     "llama_1B": (1.3e9, 1_364_297_728),
@@ -57,7 +58,7 @@ def build_on_meta(config, monkeypatch):
 
 def test_every_family_has_a_340M_and_a_tiny_config():
     names = {name(p) for p in ALL_CONFIGS}
-    for family in ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "transformer", "llama"):
+    for family in ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "transformer", "llama"):
         assert f"tiny/{family}.json" in names
         assert any(n.startswith(f"{family}_3") for n in names), family
     assert set(f"{n}.json" for n in SIZES) <= names

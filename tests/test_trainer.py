@@ -252,6 +252,23 @@ def test_varlen_needs_an_fla_model(tmp_path):
     assert not dist.is_initialized()  # refused before any process group
 
 
+@pytest.mark.parametrize("n_groups,varlen,message", [
+    (1, True, "training.varlen: fla's mamba2 layer ignores cu_seqlens"),
+    (2, False, "model.config: n_groups=2"),
+])  # why: tests/test_mamba2.py
+def test_mamba2_refusals_come_before_any_process_group(tmp_path, n_groups, varlen, message):
+    import json
+
+    from recipe.errors import ConfigError
+
+    config = json.load(open("configs/tiny/mamba2.json"))
+    config["n_groups"] = n_groups
+    (tmp_path / "mamba2.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        make_trainer(tmp_path, "--model.config", str(tmp_path / "mamba2.json"), *(["--training.varlen"] * varlen))
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("wrapper", [["--activation_checkpoint.mode", "full"], ["--compile.enable"]])
 def test_init_from_hf_through_wrapped_blocks(tmp_path, wrapper):
     # AC and compile wrap the blocks (`_checkpoint_wrapped_module.`, `_orig_mod.`): HF names must still match.

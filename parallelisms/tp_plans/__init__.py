@@ -5,7 +5,16 @@ from parallelisms.tp_plans.registry import find_tp_plan, get_tp_plan, register_t
 from parallelisms.tp_plans.styles import LocalCompute, SequenceParallelLinearLoss
 
 # Importing a family module registers its plan.
-from parallelisms.tp_plans import delta_net, gated_deltanet, gla, hgrn2, llama, retnet, transformer  # noqa: E402,F401
+from parallelisms.tp_plans import (  # noqa: E402,F401
+    delta_net,
+    gated_deltanet,
+    gla,
+    hgrn2,
+    llama,
+    mamba2,
+    retnet,
+    transformer,
+)
 
 __all__ = [
     "LocalCompute",

@@ -15,7 +15,7 @@ import parallel_harness as H
 
 pytestmark = pytest.mark.slow
 
-RUNNABLE = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "llama"]
+RUNNABLE = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "llama"]
 
 
 def _ac(mode, option="2"):
@@ -61,7 +61,7 @@ JOBS2 = (
     + [("llama_tied", "tp2"), ("llama_tied", "fsdp2"), ("qwen3", "tp2"), ("gla_linear_ce", "tp2")]
     + [("transformer", "tp2")]
     # every other plan with activation checkpointing under DDP: AC wraps each family's blocks
-    + [(m, "ddp2_ac_every2") for m in ("gated_deltanet", "delta_net", "retnet", "hgrn2", "transformer")]
+    + [(m, "ddp2_ac_every2") for m in ("gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "transformer")]
 )
 # Every TP plan also under FSDP: 2-D (dp_shard x tp) DTensors on every sharded parameter.
 JOBS4 = ([(m, "fsdp2_tp2") for m in [*RUNNABLE, "transformer"]]
@@ -118,16 +118,24 @@ def _check(group, model, layout, record_property, **tolerances):
 # 1-2 embedding elements of 32768 at step 2 by 1.7-1.9e-5, where other hosts passed. A wrong shard
 # or reduction shows at the size of the gradients themselves (max 0.05-0.16 for those embeddings).
 LATER_GRAD_TOL = (H.RTOL, 5e-5)
+# Mamba2 starts with many gradients near zero (A_log and dt_bias 1e-10..1e-8, 2.5k of the 19k
+# in_proj elements below 1e-6: the SSM's share of the output is small at dt ~ 0.001..0.1), so
+# AdamW's first update sets those weights by summation-order noise. Later gradients then differ by
+# up to 1.9e-4 under TP=2 and 1.1e-4 under DDP=2, which only reorders the data-parallel sum, both
+# on conv1d.bias (gradients up to 0.8), with the suite's data; 4.5e-5 at most with 4 other data seeds.
+LATER_GRAD_TOL_BY_MODEL = {"mamba2": (H.RTOL, 5e-4)}
 
 
 @pytest.mark.parametrize("model,layout", JOBS2, ids=[f"{m}-{lay}" for m, lay in JOBS2])
 def test_two_ranks(two_ranks, model, layout, record_property):
-    _check(two_ranks, model, layout, record_property, later_grad_tol=LATER_GRAD_TOL)
+    _check(two_ranks, model, layout, record_property,
+           later_grad_tol=LATER_GRAD_TOL_BY_MODEL.get(model, LATER_GRAD_TOL))
 
 
 @pytest.mark.parametrize("model,layout", JOBS4, ids=[f"{m}-{lay}" for m, lay in JOBS4])
 def test_four_ranks(four_ranks, model, layout, record_property):
-    _check(four_ranks, model, layout, record_property, later_grad_tol=LATER_GRAD_TOL)
+    _check(four_ranks, model, layout, record_property,
+           later_grad_tol=LATER_GRAD_TOL_BY_MODEL.get(model, LATER_GRAD_TOL))
 
 
 @pytest.mark.parametrize("model,layout", [("gla", "fsdp2_cpu_offload")])

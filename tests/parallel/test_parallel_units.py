@@ -30,7 +30,8 @@ from parallelisms.tensor_parallel import apply_tp
 from parallelisms.tp_plans import registry
 from recipe.errors import ConfigError
 
-REGISTERED = ["delta_net", "gated_deltanet", "gla", "hgrn2", "llama", "qwen2", "qwen3", "retnet", "transformer"]
+REGISTERED = ["delta_net", "gated_deltanet", "gla", "hgrn2", "llama", "mamba2", "qwen2", "qwen3", "retnet",
+              "transformer"]
 
 
 def job(family="gla", *, world=2, tp=1, dp_replicate=1, dp_shard=-1, extra=()):
@@ -86,12 +87,21 @@ def test_ddp_with_tp_is_refused():
 
 
 def test_unregistered_model_type_lists_plans():
-    cfg = types.SimpleNamespace(model_type="mamba2")
-    with pytest.raises(ConfigError, match="model_type 'mamba2' has no tensor-parallel plan") as e:
+    cfg = types.SimpleNamespace(model_type="rwkv7")
+    with pytest.raises(ConfigError, match="model_type 'rwkv7' has no tensor-parallel plan") as e:
         validate_parallelism(cfg, job(tp=2), world_size=2)
     assert f"registered: {', '.join(REGISTERED)}" in str(e.value)
     assert "parallelism.tensor_parallel_degree=1" in str(e.value)
     validate_parallelism(cfg, job(world=2), world_size=2)  # without TP any model is fine
+
+
+def test_mamba2_tp_refusals():
+    cfg = H.model_config("mamba2", head_dim=64)  # expand 2 x hidden 64 / 64: 2 heads
+    with pytest.raises(ConfigError, match=r"^parallelism\.tensor_parallel_degree=4 does not divide num_heads=2 "):
+        validate_parallelism(cfg, job("mamba2", world=4, tp=4), world_size=4)
+    with pytest.raises(ConfigError, match=r"^parallelism\.tensor_parallel_degree=2: .*n_groups=2 .*set n_groups=1$"):
+        validate_parallelism(H.model_config("mamba2", n_groups=2), job("mamba2", tp=2), world_size=2)
+    validate_parallelism(H.model_config("mamba2"), job("mamba2", tp=2), world_size=2)
 
 
 def test_other_refusals():
@@ -156,10 +166,12 @@ def _ac_config(mode, option="2"):
     [("none", "2", []), ("full", "2", [0, 1, 2, 3]), ("selective", "op", [0, 1, 2, 3]),
      ("selective", "1", [0, 1, 2, 3]), ("selective", "2", [1, 3]), ("selective", "3", [2])],
 )
-def test_ac_wraps_the_right_blocks(mode, option, wrapped):
+@pytest.mark.parametrize("family", ["llama", "mamba2"])
+def test_ac_wraps_the_right_blocks(mode, option, wrapped, family):
     for _ in range(2):  # a second model gets the same layers: no counter leaks across calls
-        model = H.build(H.model_config("llama", num_hidden_layers=4))
-        blocks = model.model.layers
+        cfg = H.model_config(family, num_hidden_layers=4)
+        model = H.build(cfg)
+        blocks = make_plan(cfg, job(family), 1).blocks(model)
         assert apply_ac(blocks, _ac_config(mode, option)) == len(wrapped)
         assert [i for i, b in enumerate(blocks) if isinstance(b, CheckpointWrapper)] == wrapped
 
@@ -186,8 +198,8 @@ def test_recompile_limit_grows_with_layers():
         cfg.recompile_limit, cfg.accumulated_recompile_limit = old
 
 
-def _compile_tiny_gla(n_layers: int, monkeypatch) -> dict:
-    """Compile a tiny GLA's blocks with apply_compile and run it once: dynamo's graph count,
+def _compile_tiny(family: str, n_layers: int, monkeypatch) -> dict:
+    """Compile a tiny model's blocks with apply_compile and run it once: dynamo's graph count,
     whether dynamo traced into fla's RMSNorm kernel launch, and the largest logit difference."""
     import fla.modules.norm.layernorm as fla_norm
     from torch._dynamo.utils import counters
@@ -202,27 +214,28 @@ def _compile_tiny_gla(n_layers: int, monkeypatch) -> dict:
     monkeypatch.setattr(fla_norm, "layer_norm_fwd", spy)
     torch._dynamo.reset()
     counters.clear()
-    cfg = H.model_config("gla", num_hidden_layers=n_layers)
+    cfg = H.model_config(family, num_hidden_layers=n_layers)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (1, 80))  # > 64 tokens: GLA's chunked kernels
+    ids = torch.randint(0, cfg.vocab_size, (1, 80))  # > 64 tokens: GLA's chunked kernels; Mamba2: 5 chunks
     with torch.no_grad():
         eager = model(input_ids=ids).logits
         traced.clear()
-        apply_compile(model.model.layers, types.SimpleNamespace(backend="eager"))
+        apply_compile(make_plan(cfg, job(family), 1).blocks(model), types.SimpleNamespace(backend="eager"))
         compiled = model(input_ids=ids).logits
     return {"graphs": counters["stats"]["unique_graphs"], "launches": len(traced), "traced": any(traced),
             "diff": (compiled - eager).abs().max().item()}
 
 
-def test_compile_keeps_fla_kernels_opaque(monkeypatch):
+@pytest.mark.parametrize("family", ["gla", "mamba2"])
+def test_compile_keeps_fla_kernels_opaque(family, monkeypatch):
     """Dynamo compiles the torch code around fla's kernels and never traces into them (it used to,
     and handed the Triton kernels to inductor: minutes of compiling; on CPU, Triton's interpreter
     is not even traceable), and fla blocks compile once, not once per ``layer_idx``."""
     cfg = torch._dynamo.config
     old = cfg.allow_unspec_int_on_nn_module
     try:
-        two, four = _compile_tiny_gla(2, monkeypatch), _compile_tiny_gla(4, monkeypatch)
+        two, four = _compile_tiny(family, 2, monkeypatch), _compile_tiny(family, 4, monkeypatch)
     finally:
         cfg.allow_unspec_int_on_nn_module = old
         torch._dynamo.reset()
@@ -278,6 +291,15 @@ EXPECTED = {
         "model.layers.0.attn.q_proj.weight": S0, "model.layers.0.attn.k_proj.weight": S0,
         "model.layers.0.attn.o_proj.weight": S1, "model.layers.0.mlp.up_proj.weight": S0,
     }, {"num_heads": 1, "num_kv_heads": 1}),
+    # in_proj/conv1d pack several segments: stored row-sharded, each rank computes with its rows
+    # of every segment (test_mamba2_rows_of_each_segment); its counts are local only inside forward.
+    "mamba2": ("mamba2", {}, {
+        "backbone.embeddings.weight": S0, "backbone.norm_f.weight": R, "lm_head.weight": S0,
+        "backbone.layers.0.norm.weight": R, "backbone.layers.0.mixer.in_proj.weight": S0,
+        "backbone.layers.0.mixer.conv1d.weight": S0, "backbone.layers.0.mixer.conv1d.bias": S0,
+        "backbone.layers.0.mixer.A_log": S0, "backbone.layers.0.mixer.dt_bias": S0, "backbone.layers.0.mixer.D": S0,
+        "backbone.layers.0.mixer.norm.weight": S0, "backbone.layers.0.mixer.out_proj.weight": S1,
+    }, {"num_heads": 8, "intermediate_size": 128}),
     "llama": ("llama", {}, {
         "model.embed_tokens.weight": S0, "model.layers.0.input_layernorm.weight": R,
         "model.layers.0.self_attn.q_proj.weight": S0, "model.layers.0.self_attn.o_proj.weight": S1,
@@ -297,14 +319,35 @@ def test_plan_shards_heads(tp_mesh, name, monkeypatch):
     file, overrides, placements, local = EXPECTED[name]
     cfg = H.model_config(file, **overrides)
     model = H.build(cfg)
-    apply_tp(model, tp_mesh, make_plan(cfg, job(file, tp=2), 2))
+    plan = make_plan(cfg, job(file, tp=2), 2)
+    apply_tp(model, tp_mesh, plan)
     params = dict(model.named_parameters())
     assert all(isinstance(p, DTensor) for p in params.values())
     for pname, placement in placements.items():
         assert params[pname].placements == (placement,), pname
-    mixer = model.model.layers[0].get_submodule(get_tp_plan(cfg.model_type).attn_name)
+    mixer = plan.blocks(model)[0].get_submodule(plan.attn_name)
     for attr, value in local.items():
         assert getattr(mixer, attr) == value, attr
+
+
+def test_mamba2_rows_of_each_segment():
+    """Rank r's rows of in_proj ([z | x | B | C | dt]) and conv1d ([x | B | C]): its heads' slice of
+    z, x and dt, and the one group of B/C, which every rank takes whole (vLLM's layout too)."""
+    from parallelisms.tp_plans.mamba2 import packed_rows
+
+    mixer = types.SimpleNamespace(intermediate_size=8, num_heads=4, n_groups=1, ssm_state_size=3)
+    segments = {"z": range(0, 8), "x": range(8, 16), "B": range(16, 19), "C": range(19, 22), "dt": range(22, 26)}
+    for rank in range(2):
+        rows = packed_rows(mixer, rank, 2)
+        got = [i for a, b in rows["in_proj"] for i in range(a, b)]
+        heads = slice(4 * rank, 4 * rank + 4)
+        assert got == [*segments["z"][heads], *segments["x"][heads], *segments["B"], *segments["C"],
+                       *segments["dt"][2 * rank:2 * rank + 2]]
+        conv = [i for a, b in rows["conv1d"] for i in range(a, b)]
+        assert conv == [*range(4 * rank, 4 * rank + 4), *range(8, 14)]
+    # Groups that TP divides are sharded with their heads (4 heads, 2 groups: one each).
+    mixer.n_groups = 2
+    assert packed_rows(mixer, 1, 2)["in_proj"][2:4] == [(16 + 3, 16 + 6), (22 + 3, 22 + 6)]
 
 
 def test_tied_embeddings_stay_tied(tp_mesh):

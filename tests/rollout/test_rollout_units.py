@@ -28,7 +28,7 @@ from recipe.rollout.protocol import ALIGN, unpack
 from tests.rollout.seeded_model import materialized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FLA_FAMILIES = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2"]
+FLA_FAMILIES = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2"]
 
 
 def tiny(family, **overrides):

@@ -14,7 +14,8 @@ and rotary buffers, and also accepts the per-TP fused names of ``rollout.fused_l
 forward is a real tensor-parallel forward over those shards (all-reduce / all-gather between
 the receiver ranks), so a misplaced head shows up in the logits, not only in a weight compare.
 
-fla families (not served by vLLM) are held as the fla HF model itself, one full copy per rank.
+fla families are held as the fla HF model itself, one full copy per rank (of them vLLM serves only
+Mamba2, whose ``load_weights`` takes the same HF names).
 
 Each version is checked for coverage: every engine parameter shard written exactly once.
 ``--dump_dir`` writes, per applied version, each rank's parameters and rank 0's logits on a fixed
@@ -46,7 +47,7 @@ from recipe.rollout.engine.generation import GenerationService, sample_from_logi
 logger = logging.getLogger("flare.receiver")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_FP32_NAMES = {"gated_deltanet": (r"\.A_log$", r"\.dt_bias$")}
+_FP32_NAMES = {"gated_deltanet": (r"\.A_log$", r"\.dt_bias$"), "mamba2": (r"\.A_log$",)}
 
 
 def probe_batch(vocab_size: int, seed: int = 0, batch: int = 2, seq: int = 32) -> torch.Tensor:
@@ -264,8 +265,9 @@ class HFEngine:
         keep = _FP32_NAMES.get(config.model_type, ())
         self.params = dict(self.model.named_parameters())  # tied weights appear once
         for n, t in self.params.items():
-            if any(re.search(k, n) for k in keep):
-                t.data = t.data.float()
+            # As vLLM: parameters in the engine dtype (fla builds some norms in float32 whatever the
+            # dtype, e.g. Mamba2's block norms), those of _FP32_NAMES in float32.
+            t.data = t.data.float() if any(re.search(k, n) for k in keep) else t.data.to(dtype)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.coverage = Coverage({(n, None) for n in self.params})
 

@@ -10,7 +10,8 @@ and the dtype it is sent in. ``combine`` builds the tensor from the gathered ful
   out per destination TP rank (``[q_0, k_0, v_0, q_1, k_1, v_1, ...]``): rank r's rows are one
   contiguous slice, so it can copy its shard without knowing head counts.
 * Tied weights are sent once (the engine ties them itself); parameters matching ``fp32_names``
-  (e.g. GatedDeltaNet's ``A_log``/``dt_bias``) stay float32 whatever ``rollout.dtype`` says.
+  (e.g. GatedDeltaNet's ``A_log``/``dt_bias``, Mamba2's ``A_log``) stay float32 whatever
+  ``rollout.dtype`` says.
 
 Register an adapter for a new model type with ``@register_export_adapter("my_type")``.
 """
@@ -142,6 +143,45 @@ class FlaAdapter(ExportAdapter):
 class GatedDeltaNetAdapter(ExportAdapter):
     # The decay parameters feed exp()/softplus() and are kept in float32 by fla's kernels.
     fp32_names = (r"\.A_log$", r"\.dt_bias$")
+
+
+@register_export_adapter("mamba2")
+class Mamba2Adapter(ExportAdapter):
+    """fla's Mamba2 for vLLM's ``Mamba2ForCausalLM`` (vLLM 0.26), which loads these HF names: it
+    maps ``A_log`` to its float32 ``A`` (``-exp(A_log)``, computed from what it receives, so
+    ``A_log`` is sent in float32); ``D``, ``dt_bias`` and the rest it keeps in the model dtype.
+
+    vLLM's mixer has no setting for what some fla configs change (it gates before its norm,
+    holds one ``D`` per head, does not clamp dt, and takes ``intermediate_size`` from the config
+    when present): such a model would be served as another one, so it is refused.
+    """
+
+    fp32_names = (r"\.A_log$",)
+
+    def __init__(self, config, dtype: torch.dtype, *, engine_tp: int = 1, fused: bool = False):
+        super().__init__(config, dtype, engine_tp=engine_tp, fused=fused)
+        c = config
+        inner = c.expand * c.hidden_size
+        served_as = {  # setting: (this model's value, what vLLM's Mamba2 computes)
+            "norm_before_gate": (c.norm_before_gate, False),
+            "rmsnorm": (c.rmsnorm, True),
+            "D_has_hdim": (c.D_has_hdim, False),
+            "dt_limit": (tuple(c.dt_limit), (0.0, float("inf"))),
+            "hidden_act": (c.hidden_act if c.hidden_act != "swish" else "silu", "silu"),
+            "intermediate_size": (getattr(c, "intermediate_size", None) or inner, inner),
+        }
+        for key, (value, served) in served_as.items():
+            if value != served:
+                raise ConfigError(
+                    f"rollout: model.config has {key}={value!r} but vLLM's Mamba2ForCausalLM computes "
+                    f"{key}={served!r}, so the engine would serve another model; export is supported for "
+                    f"{key}={served!r}"
+                )
+        if c.num_heads % engine_tp or (c.n_groups != 1 and c.n_groups % engine_tp):
+            raise ConfigError(
+                f"rollout.engine_tp_size={engine_tp}: vLLM's Mamba2 needs it to divide num_heads={c.num_heads} "
+                f"and n_groups={c.n_groups} (or n_groups=1)"
+            )
 
 
 # --------------------------------------------------------------------------- HF Llama family

@@ -273,7 +273,7 @@ class Trainer(Stateful):
         return micro_batches
 
     def train_step(self, micro_batches) -> dict:
-        jc, pd = self.job_config, self.parallel_dims
+        pd = self.parallel_dims
         self.optimizers.zero_grad()
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
 
@@ -295,10 +295,7 @@ class Trainer(Stateful):
             self.metrics.ntokens_since_last_log += n_tokens
         self.metrics.steps_since_last_log += 1
 
-        max_norm = jc.training.max_norm if jc.training.max_norm > 0 else math.inf
-        grad_norm = dist_utils.clip_grad_norm_(list(self.model.parameters()), max_norm, foreach=True)
-        found_inf = self._optimizer_step(grad_norm)
-        self.lr_schedulers.step()
+        grad_norm, found_inf = self._clip_and_step()
 
         if not self.metrics.should_log(self.step):
             return {"found_inf": found_inf}
@@ -347,10 +344,7 @@ class Trainer(Stateful):
         self.ntokens_seen += n_tokens
         self.metrics.ntokens_since_last_log += n_tokens
         self.metrics.steps_since_last_log += 1
-        max_norm = jc.training.max_norm if jc.training.max_norm > 0 else math.inf
-        grad_norm = dist_utils.clip_grad_norm_(list(self.model.parameters()), max_norm, foreach=True)
-        found_inf = self._optimizer_step(grad_norm)
-        self.lr_schedulers.step()
+        grad_norm, found_inf = self._clip_and_step()
         if not self.metrics.should_log(self.step):
             return {"found_inf": found_inf}
         self._account_skips()
@@ -386,6 +380,15 @@ class Trainer(Stateful):
             del out  # free the logits before backward
             loss.backward()
         return loss.detach()
+
+    def _clip_and_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clip the gradients (training.max_norm), step the optimizers and the LR schedule; returns
+        the gradient norm before clipping and the step's skip flag (see ``_optimizer_step``)."""
+        max_norm = self.job_config.training.max_norm if self.job_config.training.max_norm > 0 else math.inf
+        grad_norm = dist_utils.clip_grad_norm_(list(self.model.parameters()), max_norm, foreach=True)
+        found_inf = self._optimizer_step(grad_norm)
+        self.lr_schedulers.step()
+        return grad_norm, found_inf
 
     def _optimizer_step(self, grad_norm: torch.Tensor) -> torch.Tensor | None:
         """Step the optimizers unless ``grad_norm`` is NaN/Inf (training.skip_nan_inf).

@@ -218,6 +218,10 @@ class RL:
     clip_eps: float = 0.2
     """Clip range of the importance ratio between the trainer's and the engine's token probabilities."""
 
+    kl_coef: float = 0.0
+    """Weight of a KL penalty to the frozen starting weights (model.init_from_hf, held as a second,
+    gradient-free copy of the model); 0: no reference model."""
+
     seed: int = 0
     """Seed of prompt sampling and of the engine's sampling (offset by the weight version)."""
 

@@ -122,6 +122,7 @@ class Trainer(Stateful):
         init_weights(model)
         model.train()
         self.model = model
+        self.ref_model = self._reference_model() if jc.rl.enable and jc.rl.kl_coef > 0 else None
 
         self.optimizers = build_optimizers([model], jc.optimizer, pd)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, jc.lr_scheduler, jc.training.steps)
@@ -316,6 +317,19 @@ class Trainer(Stateful):
         record["found_inf"] = found_inf
         return record
 
+    def _reference_model(self):
+        """rl.kl_coef: a gradient-free copy of the model, parallelized like it, holding the starting
+        weights (model.init_from_hf) for the whole run, also after a resume."""
+        jc = self.job_config
+        ref = parallelize_fla(build_model_on_meta(self.model_config), self.parallel_dims, jc)
+        ref.to_empty(device="cpu" if jc.training.enable_cpu_offload else self.device)
+        init_weights(ref)
+        load_hf_weights(ref, jc.model.init_from_hf)
+        ref.requires_grad_(False)
+        ref.eval()
+        logger.info(f"rl: KL reference model loaded from {jc.model.init_from_hf} (rl.kl_coef={jc.rl.kl_coef})")
+        return ref
+
     def _export_for_rl(self) -> None:
         """The engine samples the first step from the weights training starts with (version = the
         current step); the rollout hook exports every later step's."""
@@ -337,8 +351,13 @@ class Trainer(Stateful):
                 logits = self.model(input_ids=batch.tokens).logits
             logp = token_logprobs(logits, batch.tokens, jc.rl.temperature)
             del logits
+            ref_logp = None
+            if self.ref_model is not None:
+                with torch.no_grad(), self.autocast():
+                    ref_logp = token_logprobs(self.ref_model(input_ids=batch.tokens).logits, batch.tokens,
+                                              jc.rl.temperature)
             loss, stats = grpo_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, jc.rl.clip_eps,
-                                    batch.global_tokens)
+                                    batch.global_tokens, ref_logp, jc.rl.kl_coef)
             loss.backward()
         n_tokens = int(batch.mask.sum())
         self.ntokens_seen += n_tokens
@@ -360,6 +379,8 @@ class Trainer(Stateful):
             global_loss, gap_max, tokens = loss.item(), gap_max.item(), self.ntokens_seen
         rl_metrics = {**batch.metrics, "logprob_gap_max": float(gap_max),
                       "logprob_gap_mean": float(stats["logprob_gap_mean"]), "clip_fraction": float(stats["clip_fraction"])}
+        if "kl" in stats:
+            rl_metrics["kl"] = float(stats["kl"])
         record = self.metrics.log(self.step, float(global_loss), float(global_loss), float(grad_norm), lr,
                                   {"tokens_seen": tokens, "skipped_steps": self.skipped_steps, **rl_metrics})
         logger.info(f"rl step {self.step:>5}  reward {rl_metrics['reward_mean']:.3f}  exact {rl_metrics['exact_match']:.3f}  "

@@ -49,6 +49,11 @@ def validate_rl(job_config) -> None:
         raise ConfigError(f"rl.group_size={rl.group_size}: advantages compare completions of one prompt, use >= 2")
     if rl.temperature <= 0:
         raise ConfigError(f"rl.temperature={rl.temperature}: sampling needs a positive temperature")
+    if rl.kl_coef < 0:
+        raise ConfigError(f"rl.kl_coef={rl.kl_coef}: must be >= 0")
+    if rl.kl_coef > 0 and not job_config.model.init_from_hf:
+        raise ConfigError("rl.kl_coef > 0 penalizes drifting from the starting weights: name them in "
+                          "model.init_from_hf (the reference model is loaded from that folder)")
     load_reward(rl.reward)
 
 

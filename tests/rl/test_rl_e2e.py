@@ -94,3 +94,24 @@ def test_every_layout_takes_the_same_rl_steps(single, initial, tmp_path, layout)
         assert r["reward_mean"] == s["reward_mean"]  # the same completions came back
         assert r["loss"] == pytest.approx(s["loss"], rel=1e-4, abs=1e-6)
         assert r["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4, abs=1e-6)
+
+
+
+@pytest.fixture(scope="module")
+def kl_single(tmp_path_factory, initial):
+    return rl_run(str(tmp_path_factory.mktemp("rl_kl")), initial, 1, "--rl.kl_coef", "0.5")[0]
+
+
+def test_a_kl_penalty_to_the_starting_weights(single, kl_single):
+    """The reference model holds the starting weights: the KL is 0 at step 1 (and adds no gradient),
+    positive once the policy has moved."""
+    assert kl_single[0]["kl"] == pytest.approx(0, abs=1e-7) and all(r["kl"] > 0 for r in kl_single[1:])
+    assert kl_single[0]["grad_norm"] == pytest.approx(single[0][0]["grad_norm"], rel=1e-4)
+
+
+def test_the_kl_reference_is_parallelized_like_the_model(kl_single, initial, tmp_path):
+    rows, _ = rl_run(str(tmp_path), initial, 2, "--rl.kl_coef", "0.5", "--parallelism.tensor_parallel_degree", "2")
+    for r, s in zip(rows, kl_single):
+        assert r["kl"] == pytest.approx(s["kl"], rel=1e-3, abs=1e-8)
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-4, abs=1e-6)
+        assert r["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4, abs=1e-6)

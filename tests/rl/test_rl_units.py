@@ -47,6 +47,21 @@ def test_grpo_loss_and_gradients_match_a_hand_written_reference():
     assert stats["logprob_gap_max"].item() == pytest.approx((logp.detach() - old).abs()[on].max().item())
 
 
+def test_the_kl_penalty_adds_its_estimate_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    logp = (-torch.rand(2, 5, generator=g) * 3).requires_grad_()
+    ref = logp.detach() + 0.3 * torch.randn(2, 5, generator=g)
+    old, adv = logp.detach().clone(), torch.zeros(2, 5)  # on-policy, no advantage: only the KL term acts
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.float)
+    loss, stats = grpo_loss(logp, old, adv, mask, 0.2, global_tokens=10, ref_logp=ref, kl_coef=0.5)
+    loss.backward()
+    r = ref - logp.detach()
+    kl = torch.exp(r) - r - 1
+    assert loss.item() == pytest.approx(0.5 * (kl * mask).sum().item() / 10, rel=1e-6)
+    torch.testing.assert_close(logp.grad, 0.5 * (1 - torch.exp(r)) * mask / 10)  # d/dlogp of exp(r) - r - 1
+    assert stats["kl"].item() == pytest.approx(kl[mask > 0].mean().item()) and (kl >= 0).all()
+
+
 def test_token_logprobs_are_the_log_softmax_of_the_next_token():
     g = torch.Generator().manual_seed(1)
     logits, tokens = torch.randn(2, 5, 11, generator=g), torch.randint(0, 11, (2, 5), generator=g)
@@ -102,7 +117,7 @@ def test_prompts_are_the_same_for_a_step_whatever_came_before(tmp_path):
 
 def job(**rl):
     rl = {"enable": True, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "temperature": 1.0,
-          "reward": "recipe.rl.tasks:exact_match", **rl}
+          "reward": "recipe.rl.tasks:exact_match", "kl_coef": 0.0, **rl}
     return SimpleNamespace(rl=SimpleNamespace(**rl), hooks=SimpleNamespace(post_step=["rollout"]),
                            rollout=SimpleNamespace(enable=True, interval=1, on_failure="raise"))
 
@@ -116,6 +131,15 @@ def test_bad_rl_settings_are_refused_in_one_line(change, message):
     with pytest.raises(ConfigError, match=message) as e:
         validate_rl(job(**change))
     assert "\n" not in str(e.value)
+
+
+def test_a_kl_penalty_needs_the_starting_weights_in_a_folder():
+    config = job(kl_coef=0.1)
+    config.model = SimpleNamespace(init_from_hf=None)
+    with pytest.raises(ConfigError, match="rl.kl_coef > 0 penalizes drifting from the starting weights"):
+        validate_rl(config)
+    config.model.init_from_hf = "/some/folder"
+    validate_rl(config)
 
 
 def test_rl_needs_an_export_every_step():

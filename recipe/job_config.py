@@ -114,8 +114,8 @@ class Checkpoint:
 @dataclass
 class ActivationCheckpoint:
     mode: Literal["selective", "full", "memory_budget", "none"] = "none"
-    """torchtitan defaults to selective AC (every 2nd block), which costs ~20% throughput on GLA-340M
-    (docs/benchmarks.md); flare makes activation checkpointing opt-in."""
+    """torchtitan defaults to selective AC (every 2nd block): GLA-340M trained at 112.7k instead of
+    128.8k tokens/s with it on one H200 (docs/benchmarks.md); flare makes activation checkpointing opt-in."""
 
 
 @dataclass

@@ -3,6 +3,7 @@ planning and packing, the reference engine's load_weights contract and TP forwar
 protocol over real gloo groups on threads, and the vLLM transport against a fake vLLM."""
 
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from recipe.net import free_port
 from recipe.rollout.trainer.adapters import fuse_qkv, get_export_adapter, layer_order
 from recipe.rollout.engine.reference_receiver import HFEngine, LlamaTPEngine, probe_batch
 from recipe.rollout.trainer.source import Bucket, WeightSource, plan_buckets
-from recipe.rollout.trainer.senders import GroupTransport, TransportError
+from recipe.rollout.trainer.senders import GroupTransport, TransportError, probe_engine
 from recipe.rollout.trainer.vllm_native import VLLMTransport
 from recipe.rollout.engine.endpoint import ReceiverEndpoint, TrainerClosed
 from recipe.rollout.protocol import ALIGN, unpack
@@ -259,6 +260,7 @@ class Cfg:
     timeout_s: float = 20.0
     bucket_mb: float = 0.25
     placement: str = "disaggregated"
+    on_failure: str = "log"
 
 
 def serve_in_thread(endpoint, load_weights, **callbacks):
@@ -726,6 +728,29 @@ def test_no_receiver_fails_at_once():
     with pytest.raises(TransportError, match="no rollout receiver listening"):
         transport.init()
 
+
+
+def test_a_run_that_stops_on_failure_waits_for_an_engine_still_starting():
+    port = free_port()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def start_late():
+        time.sleep(1.0)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    late = threading.Thread(target=start_late)
+    late.start()
+    try:
+        t0 = time.monotonic()
+        probe_engine("127.0.0.1", port, wait_s=30)
+        assert time.monotonic() - t0 >= 0.9  # it did wait for the listener
+    finally:
+        late.join()
+        server.close()
+    with pytest.raises(TransportError, match=r"after waiting 1s"):
+        probe_engine("127.0.0.1", free_port(), wait_s=1.0)
 
 
 def test_a_bucket_outside_the_plan_is_a_transport_error_before_anything_is_sent():

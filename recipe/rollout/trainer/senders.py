@@ -75,13 +75,25 @@ class Transport:
         """Drop the connection; with ``notify``, tell the receivers training has ended."""
 
 
-def _probe(address: str, port: int) -> None:
-    """Fail at once when nothing listens (a TCPStore client would retry until the timeout)."""
-    try:
-        with socket.create_connection((address, port), timeout=5):
-            pass
-    except OSError as e:
-        raise TransportError(f"no rollout receiver listening on {address}:{port} ({e})") from None
+def probe_engine(address: str, port: int, wait_s: float = 0.0) -> None:
+    """Fail at once when nothing listens (a TCPStore client would retry until the timeout).
+
+    With ``wait_s`` > 0, poll that long for an engine still starting: a run that stops on a failed
+    export (rollout.on_failure = "raise", RL) would otherwise fail when launched next to the engine."""
+    deadline = time.monotonic() + wait_s
+    logged = False
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait_s:.0f}s" if wait_s > 0 else ""
+                raise TransportError(f"no rollout receiver listening on {address}:{port}{waited} ({e})") from None
+            if not logged:
+                logger.info(f"rollout: waiting up to {wait_s:.0f}s for the engine at {address}:{port}")
+                logged = True
+            time.sleep(0.2)
 
 
 class GroupTransport(Transport):
@@ -116,7 +128,7 @@ class GroupTransport(Transport):
         if self.ctl is not None:
             return
         cfg = self.cfg
-        _probe(cfg.engine_address, cfg.engine_port)
+        probe_engine(cfg.engine_address, cfg.engine_port, cfg.timeout_s if cfg.on_failure == "raise" else 0.0)
         t0 = time.perf_counter()
         try:
             self.store = dist.TCPStore(cfg.engine_address, cfg.engine_port, is_master=False, timeout=self.timeout,

@@ -17,7 +17,7 @@ import torch
 
 from recipe.net import free_port
 from recipe.rollout.protocol import unpack
-from recipe.rollout.trainer.senders import Transport, TransportError
+from recipe.rollout.trainer.senders import Transport, TransportError, probe_engine
 from recipe.rollout.trainer.source import Bucket
 
 # vLLM releases whose weight-transfer API (four-phase control plane + static NCCL trainer helpers)
@@ -29,8 +29,9 @@ class VLLMHttpClient:
     """vLLM's weight-sync control plane over its HTTP routes (``vllm serve`` with
     ``VLLM_SERVER_DEV_MODE=1 --weight-transfer-config '{"backend": "nccl"}'``)."""
 
-    def __init__(self, base_url: str, timeout_s: float):
-        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+    def __init__(self, address: str, port: int, timeout_s: float, wait_s: float = 0.0):
+        self.address, self.port, self.wait_s = address, port, wait_s
+        self.base_url, self.timeout_s = f"http://{address}:{port}", timeout_s
 
     def _call(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -41,6 +42,7 @@ class VLLMHttpClient:
         return json.loads(text) if text else None
 
     def get_world_size(self) -> int:
+        probe_engine(self.address, self.port, self.wait_s)  # the first call of a connection
         return int(self._call("GET", "get_world_size")["world_size"])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
@@ -104,7 +106,8 @@ class VLLMTransport(Transport):
 
     def __init__(self, cfg, client=None):
         super().__init__(cfg)
-        self.client = client or VLLMHttpClient(f"http://{cfg.engine_address}:{cfg.engine_port}", cfg.timeout_s)
+        self.client = client or VLLMHttpClient(
+            cfg.engine_address, cfg.engine_port, cfg.timeout_s, cfg.timeout_s if cfg.on_failure == "raise" else 0.0)
         self.group = None
         self.bucket_bytes = max(int(cfg.bucket_mb * 2**20), 1)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

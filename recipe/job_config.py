@@ -172,7 +172,8 @@ class Rollout:
     """Bound on every rendezvous/transfer wait; must stay below comm.train_timeout_seconds."""
 
     on_failure: Literal["log", "raise"] = "log"
-    """log: report a failed export, keep training and retry at the next interval; raise: stop."""
+    """log: report a failed export, keep training and retry at the next interval; raise: stop (a
+    connection then waits up to timeout_s for an engine still starting)."""
 
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
     """colocated: engine shares the trainer's GPUs (sleeps while training; ipc or gloo transport);

@@ -18,7 +18,7 @@ from recipe.net import free_port
 
 SMOKE_BENCH = ["scripts/benchmarks/bench_train.py", "--device", "cpu", "--models", "configs/tiny/llama.json",
                "--seq-len", "64", "--batch", "2", "--steps", "3", "--warmup", "1",
-               "--log-freq", "1"]
+               "--log-freq", "1", "--repeats", "1"]
 WORKER = ["scripts/tools/warm_kernels.py", "--worker", "compile:0/1", "--model", "configs/tiny/gla.json",
           "--seq-len", "64", "--batch", "2", "--precision", "bf16", "--varlen"]
 
@@ -37,7 +37,8 @@ def runs(tmp_path_factory):
     out_dp = tmp_path_factory.mktemp("bench_dp") / "bench.jsonl"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     procs = {
-        "bench": subprocess.Popen([sys.executable, *SMOKE_BENCH, "--out", str(out)], cwd=ROOT, env=env,
+        "bench": subprocess.Popen([sys.executable, *SMOKE_BENCH, "--repeats", "2", "--impls",
+                                   "trainer,bare,bare-flame,bare-bf16,bare-fsdp", "--out", str(out)], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "bench_dp": subprocess.Popen([*torchrun, *SMOKE_BENCH, "--impls", "bare-fsdp,bare-fsdp-dp", "--out", str(out_dp)],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
@@ -61,15 +62,43 @@ def test_bench_train_cpu_smoke(runs):
     with open(runs["bench_out"]) as f:
         header, *rows = [json.loads(line) for line in f]
     assert header["header"]["device"] == "CPU" and header["header"]["torch"]
-    assert sorted(r["impl"] for r in rows) == ["bare", "bare-bf16", "bare-fsdp", "trainer"]
+    impls = ["bare", "bare-bf16", "bare-flame", "bare-fsdp", "trainer"]
+    # Interleaved: every row once, then every row again (trainer last in each round, for its ratio).
+    assert [r["repeat"] for r in rows] == [0] * 5 + [1] * 5
+    assert sorted(r["impl"] for r in rows[:5]) == sorted(r["impl"] for r in rows[5:]) == impls
     for row in rows:
         assert "error" not in row, row
         assert (row["model"], row["seq"], row["batch"], row["compile"]) == ("llama", 64, 2, False)
         assert row["tokens_per_s"] > 0 and row["first_step_s"] > 0 and row["peak_gib"] > 0
+        assert len(row["windows"]) == 3  # one per timed step at --log-freq 1
+        assert row["tps_p10"] <= row["tokens_per_s"] <= row["tps_p90"]
         assert row["mfu_pct"] is None  # no bf16 peak on CPU
         assert row["loss_last"] == row["loss_last"]  # not NaN
     trainer = next(r for r in rows if r["impl"] == "trainer")
     assert trainer["trainer_over_bare"] > 0
+    summary = stdout[stdout.index("| model | seq x batch |"):]
+    assert len([line for line in summary.splitlines() if line.startswith("| llama |")]) == 5
+    assert "/bare-flame " in summary and "/bare-fsdp " in summary
+
+
+def test_bench_train_summary_pools_repeats_and_pairs_ratios_by_repeat():
+    bench = load_script("bench_train")
+
+    def run(impl, repeat, windows):
+        return {"model": "m", "seq": 8, "batch": 2, "compile": False, "impl": impl, "repeat": repeat,
+                "mfu_pct": None, "peak_gib": 1.0, "first_step_s": 2.0, **bench.window_stats(windows)}
+
+    rows = [run("bare", 0, [100, 100, 100]), run("trainer", 0, [110, 110, 120]),
+            run("bare", 1, [200, 200, 200]), run("trainer", 1, [180, 180, 180])]
+    lines = {ln["impl"]: ln for ln in bench.summarize(rows)}
+    trainer = lines["trainer"]
+    assert trainer["repeats"] == 2 and (trainer["repeat_min"], trainer["repeat_max"]) == (110, 180)
+    assert trainer["tokens_per_s"] == 150  # median of the six pooled windows
+    assert trainer["tps_p10"] == 110 and trainer["tps_p90"] == 180
+    ratio, lo, hi = trainer["ratios"]["bare"]
+    assert ratio == 1.0 and (lo, hi) == (0.9, 1.1)  # 180/200 and 110/100, paired by repeat
+    assert lines["bare"]["ratios"] == {}
+    assert bench.percentile([1, 2, 3, 4], 50) == 2.5 and bench.percentile([5], 90) == 5
 
 
 def test_bench_train_bare_fsdp_dp_runs_over_two_ranks(runs):

@@ -1,6 +1,7 @@
 """Training throughput: flare's Trainer against a bare PyTorch loop on the same model.
 
-For every model config x (seq_len, batch) x compile setting it measures, in one process:
+For every model config x (seq_len, batch) x compile setting it measures, in one process, each row
+``--repeats`` times interleaved (A, B, C, A, B, C, ...):
 
 * ``trainer``: ``recipe.trainer.Trainer`` built from the model's shipped recipe (``configs/<model>.toml``
   next to the JSON when there is one: its FSDP reshard policy, dataloader workers, pinned memory)
@@ -12,26 +13,30 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
 * ``bare`` / ``bare-bf16`` / ``bare-fsdp``: the ceiling: ``AutoModelForCausalLM.from_config`` on the
   device, the same synthetic batches (pinned), fused AdamW, grad clipping, per-block
   ``torch.compile`` when compile is on (``parallelisms.compile.apply_compile``, as the trainer
-  does), nothing else; the timed steps run back to back with one sync at each end. ``bare`` keeps fp32 parameters under bf16 autocast, ``bare-bf16`` holds bf16
-  parameters and optimizer state, ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16
+  does), nothing else; the timed steps run back to back with one sync per window of ``--log-freq``
+  steps (the trainer's logging cadence). ``bare`` keeps fp32 parameters under bf16 autocast,
+  ``bare-flame`` is ``bare`` with fla's own kernel launches (the loop flame runs: the reference a
+  flame user compares with), ``bare-bf16`` holds bf16 parameters and optimizer state, ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16
   compute, fp32 masters: the trainer's numerics). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
 * ``bare-fsdp-dp`` (on request, under torchrun): the same loop with FSDP2 over all ranks (real
   all-gathers and reduce-scatters, FSDP's defaults): the ceiling of a data-parallel job. Between
   it and ``bare-fsdp`` lies the cost of communication; between it and ``trainer``, the framework's.
 
-Columns: tokens/s per GPU, MFU (``recipe.flops`` FLOPs/token over the
+Columns: tokens/s per GPU (median window; p10/p90 in the JSON rows), MFU (``recipe.flops`` FLOPs/token over the
 device's bf16 dense peak), peak memory (CUDA reserved; process peak RSS on CPU), the wall time of the
 first step (Triton autotuning and torch.compile land there; later rows reuse what earlier rows
 compiled and what is cached on disk, see scripts/tools/warm_kernels.py), and trainer/bare (the trainer's
-tokens/s over the best bare variant of the same model, shape and compile setting).
+tokens/s over the best bare variant of the same model, shape, compile setting and repeat). A summary
+table follows with one line per row over its repeats: median, p10 and p90 of the pooled windows, the
+range of the runs' medians, and the trainer's ratio to each bare variant with its range over runs.
 
-    python scripts/benchmarks/bench_train.py                                  # GLA-340M and Llama-360M, seq 4096 x 8
+    python scripts/benchmarks/bench_train.py        # GLA-340M, seq 4096 x 8, eager: trainer, bare-flame, bare, bare-fsdp
     python scripts/benchmarks/bench_train.py --models configs/gla_340M.json --compile on --impls trainer,bare
     python scripts/benchmarks/bench_train.py --models configs/gla_340M.json --seq-sweep 2048,4096,8192,16384,32768
     torchrun --nproc_per_node=2 scripts/benchmarks/bench_train.py --models configs/gla_340M.json [--tp 2]
     python scripts/benchmarks/bench_train.py --device cpu --models configs/tiny/llama.json --seq-len 64 --batch 2 \\
-        --steps 3 --warmup 1 --log-freq 1                          # CPU smoke run (fp32, compile off)
+        --steps 3 --warmup 1 --log-freq 1 --repeats 1              # CPU smoke run (fp32, compile off)
 
 Rank 0 prints a header (device, versions, date, command), one line per finished run, and a markdown
 table at the end; rows go to ``--out`` as JSON lines (appended, one header line per invocation;
@@ -58,24 +63,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 from recipe.shutdown import exit_without_finalizing  # noqa: E402
 
-IMPLS = ("trainer", "bare", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
-DEFAULT_IMPLS = IMPLS[:4]  # bare-fsdp-dp on request: it needs several ranks
-BARE_PRECISION = {"bare": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp", "bare-fsdp-dp": "fsdp-dp"}
+IMPLS = ("trainer", "bare", "bare-flame", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
+DEFAULT_IMPLS = ("trainer", "bare-flame", "bare", "bare-fsdp")  # bare-fsdp-dp needs several ranks
+BARE_PRECISION = {"bare": "autocast", "bare-flame": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp",
+                  "bare-fsdp-dp": "fsdp-dp"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="configs/gla_340M.json,configs/llama_360M.json",
-                   help="comma-separated model config JSONs")
+    p.add_argument("--models", default="configs/gla_340M.json", help="comma-separated model config JSONs")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8, help="local batch (sequences per GPU per step)")
     p.add_argument("--seq-sweep", default="",
                    help="comma-separated seq lens at constant tokens per batch (seq-len x batch); "
                         "batch = tokens / seq")
-    p.add_argument("--compile", default=None, help="off, on, or off,on (default: off,on; off on CPU)")
+    p.add_argument("--compile", default="off", help="off, on, or off,on")
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--steps", type=int, default=100, help="timed steps")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of every row, interleaved (row A, B, C, then A, B, C again ...): the spread "
+                        "between repeats is the noise a difference must beat")
     p.add_argument("--log-freq", type=int, default=10,
                    help="trainer rows: metrics.log_freq (a real job's cadence; --warmup must be a multiple)")
     p.add_argument("--varlen", action="store_true", help="trainer rows pack each batch into one row (fla models)")
@@ -95,6 +103,10 @@ def parse_args(argv=None):
     if args.warmup % args.log_freq or args.steps % args.log_freq:
         p.error(f"--warmup {args.warmup} and --steps {args.steps} must be multiples of --log-freq {args.log_freq} "
                 "(the trainer's throughput is read from its logged windows)")
+    if not set(args.compile.split(",")) <= {"off", "on"}:
+        p.error(f"--compile {args.compile}: use off, on, or off,on")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: use 1 or more")
     args.models = [m for m in args.models.split(",") if m]
     args.impls = [i for i in args.impls.split(",") if i]
     unknown = set(args.impls) - set(IMPLS)
@@ -228,7 +240,7 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args, config
                 records = [json.loads(line) for line in f]
         timed = [r for r in records if r["step"] > args.warmup]
         row = {
-            "tokens_per_s": statistics.median(r["tps"] for r in timed) if timed else None,
+            **window_stats([r["tps"] for r in timed]),
             "peak_gib": max((r["memory_gib"] for r in records), default=None),
             "first_step_s": step_s[0],
             "setup_s": setup_s,
@@ -365,9 +377,11 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
                               flops_per_token=flops_per_token, setup_s=setup_s)
 
 
-def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, args) -> dict:
+def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, args,
+             norm_backward_programs_per_sm: int | None = None) -> dict:
     """One bare-loop run (see bare_setup for ``precision``)."""
-    bare = bare_setup(model_path, seq, batch, compile_on, precision, args.warmup + args.steps)
+    bare = bare_setup(model_path, seq, batch, compile_on, precision, args.warmup + args.steps,
+                      norm_backward_programs_per_sm)
     step, batches, device = bare.step, bare.batches, bare.device
     losses = []
     gc_enabled = gc.isenabled()
@@ -379,19 +393,23 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision:
         first_step_s = time.perf_counter() - t0
         for inputs, labels in batches[1:args.warmup]:
             losses.append(step(inputs, labels))
-        # Timed steps run back to back, one sync at each end: no per-step host sync.
+        # Timed in windows of --log-freq steps, one sync at each window's end: the cadence at which
+        # the trainer syncs to log, so both give a distribution over the same windows.
         synchronize()
-        t0 = time.perf_counter()
-        for inputs, labels in batches[max(args.warmup, 1):]:
-            losses.append(step(inputs, labels))
-        synchronize()
-        timed_s = time.perf_counter() - t0
+        windows = []
+        timed = batches[max(args.warmup, 1):]
+        for i in range(0, len(timed), args.log_freq):
+            window = timed[i:i + args.log_freq]
+            t0 = time.perf_counter()
+            for inputs, labels in window:
+                losses.append(step(inputs, labels))
+            synchronize()
+            windows.append(batch * seq * len(window) / (time.perf_counter() - t0))
     finally:
         if gc_enabled:
             gc.enable()
-    timed_steps = len(batches[max(args.warmup, 1):])
-    row = {
-        "tokens_per_s": batch * seq * timed_steps / timed_s if timed_steps else None,
+    return {
+        **window_stats(windows),
         "peak_gib": peak_memory_gib(device),
         "first_step_s": first_step_s,
         "setup_s": bare.setup_s,
@@ -399,7 +417,23 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision:
         "loss_last": float(losses[-1]),
         "flops_per_token": bare.flops_per_token,
     }
-    return row
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (``statistics.quantiles`` needs two values)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def window_stats(windows: list[float]) -> dict:
+    """tokens/s of a run: the median window, p10/p90, and every window (for pooling repeats)."""
+    if not windows:
+        return {"tokens_per_s": None, "tps_p10": None, "tps_p90": None, "windows": []}
+    return {"tokens_per_s": statistics.median(windows), "tps_p10": percentile(windows, 10),
+            "tps_p90": percentile(windows, 90), "windows": windows}
 
 
 def bench_device():
@@ -471,6 +505,83 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_row(args, env, model, name, n_params, is_fla, seq, batch, compile_on, impl, repeat, started) -> dict:
+    """One run of one row: its settings, and its measurements or the reason it did not run."""
+    row = {"model": name, "config": model, "params": n_params, "seq": seq, "batch": batch, "compile": compile_on,
+           "impl": impl, "repeat": repeat, "varlen": impl == "trainer" and args.varlen and is_fla,
+           "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"],
+           "trainer_args": args.trainer_args if impl == "trainer" else "",
+           "trainer_config": recipe_toml(model, args.trainer_config) if impl == "trainer" else None}
+    if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+        row["error"] = f"skipped: --budget-s {args.budget_s:g} spent"
+    elif impl == "trainer" and args.varlen and not is_fla:
+        row["error"] = "skipped: varlen needs an fla model"
+    elif impl == "bare-fsdp-dp" and env["world_size"] == 1:
+        row["error"] = "skipped: bare-fsdp-dp needs several ranks (torchrun); on one it is bare-fsdp"
+    else:
+        free_memory()
+        try:
+            if impl == "trainer":
+                args_for_run = argparse.Namespace(**{**vars(args), "varlen": row["varlen"]})
+                row.update(run_trainer(model, seq, batch, compile_on, args_for_run, row["trainer_config"]))
+            else:
+                # bare-flame: fla's own launch of its norm backward, as flame runs it
+                row.update(run_bare(model, seq, batch, compile_on, BARE_PRECISION[impl], args,
+                                    1 if impl == "bare-flame" else None))
+        except Exception as e:  # noqa: BLE001  (one failed run, e.g. OOM, must not end the sweep)
+            row["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+            traceback.print_exc()  # the row keeps one line; the log keeps the why
+        free_memory()
+    return row
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per row over its repeats: pooled windows (median, p10, p90), the range of the
+    repeats' medians, and the trainer's ratio to each bare variant (pooled, and its range over
+    repeats paired by repeat number)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("tokens_per_s"):
+            groups.setdefault((r["model"], r["seq"], r["batch"], r["compile"], r["impl"]), []).append(r)
+    out = []
+    for key, runs in groups.items():
+        pooled = [w for r in runs for w in r["windows"]]
+        medians = [r["tokens_per_s"] for r in runs]
+        line = {"model": key[0], "seq": key[1], "batch": key[2], "compile": key[3], "impl": key[4],
+                "repeats": len(runs), **{k: v for k, v in window_stats(pooled).items() if k != "windows"},
+                "repeat_min": min(medians), "repeat_max": max(medians),
+                "mfu_pct": statistics.median(r["mfu_pct"] for r in runs) if runs[0].get("mfu_pct") else None,
+                "peak_gib": max(r["peak_gib"] or 0 for r in runs), "first_step_s": runs[0]["first_step_s"],
+                "ratios": {}}
+        if key[4] == "trainer":
+            for (m, sq, b, c, impl), bare_runs in groups.items():
+                if impl == "trainer" or (m, sq, b, c) != key[:4]:
+                    continue
+                bare_pooled = statistics.median(w for r in bare_runs for w in r["windows"])
+                by_repeat = {r["repeat"]: r["tokens_per_s"] for r in bare_runs}
+                paired = [r["tokens_per_s"] / by_repeat[r["repeat"]] for r in runs if r["repeat"] in by_repeat]
+                line["ratios"][impl] = (line["tokens_per_s"] / bare_pooled, min(paired), max(paired))
+        out.append(line)
+    return out
+
+
+SUMMARY_COLUMNS = ("model", "seq x batch", "compile", "impl", "runs", "tokens/s median", "p10-p90",
+                   "run medians", "MFU %", "peak GiB", "first step s", "trainer / bare (range over runs)")
+
+
+def summary_markdown(lines: list[dict]) -> str:
+    table = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for ln in lines:
+        ratios = "; ".join(f"/{impl} {r:.3f} ({lo:.3f}-{hi:.3f})" for impl, (r, lo, hi) in ln["ratios"].items())
+        table.append("| " + " | ".join([
+            ln["model"], f"{ln['seq']} x {ln['batch']}", "on" if ln["compile"] else "off", ln["impl"],
+            str(ln["repeats"]), f"{ln['tokens_per_s']:,.0f}", f"{ln['tps_p10']:,.0f}-{ln['tps_p90']:,.0f}",
+            f"{ln['repeat_min']:,.0f}-{ln['repeat_max']:,.0f}",
+            "—" if ln["mfu_pct"] is None else f"{ln['mfu_pct']:.1f}", f"{ln['peak_gib']:.1f}",
+            f"{ln['first_step_s']:.1f}", ratios or "—"]) + " |")
+    return "\n".join(table)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -498,8 +609,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # torch.compile on CPU takes minutes even for tiny models; ask for it explicitly there.
-    compile_spec = args.compile or ("off,on" if device.type == "cuda" else "off")
-    args.compile = [{"off": False, "on": True}[c] for c in compile_spec.split(",") if c]
+    args.compile = [{"off": False, "on": True}[c] for c in args.compile.split(",") if c]
     rank = int(os.environ.get("RANK", 0))
     speak = rank == 0
     env = environment(args)
@@ -513,7 +623,8 @@ def main(argv=None) -> int:
     say(f"device: {env['device']} x {env['world_size']}; torch {env['torch']}, triton {env['triton']}, "
         f"fla {env['fla']}, transformers {env['transformers']}, torchtitan {env['torchtitan']}")
     say(f"command: {env['command']}")
-    say(f"warm-up {args.warmup} + timed {args.steps} steps; MFU vs "
+    say(f"warm-up {args.warmup} + timed {args.steps} steps in windows of {args.log_freq}, {args.repeats} "
+        f"interleaved repeat(s); MFU vs "
         f"{env['peak_bf16_tflops'] or 'n/a'} TFLOP/s bf16 dense peak")
     if device.type == "cpu":
         say("CPU: trainer and bare compute in fp32 (no bf16 autocast); bare-bf16 holds bf16 parameters")
@@ -537,48 +648,29 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for p in build_model_on_meta(model_config).parameters())
         for seq, batch in args.shapes:
             for compile_on in args.compile:
-                # Bare variants first: the trainer row can then carry its ratio as soon as it ends.
-                for impl in sorted(args.impls, key=lambda i: i == "trainer"):
-                    row = {"model": name, "config": model, "params": n_params, "seq": seq, "batch": batch,
-                           "compile": compile_on,
-                           "impl": impl, "varlen": impl == "trainer" and args.varlen and is_fla,
-                           "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"],
-                           "trainer_args": args.trainer_args if impl == "trainer" else "",
-                           "trainer_config": recipe_toml(model, args.trainer_config) if impl == "trainer" else None}
-                    if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
-                        row["error"] = f"skipped: --budget-s {args.budget_s:g} spent"
-                    elif impl == "trainer" and args.varlen and not is_fla:
-                        row["error"] = "skipped: varlen needs an fla model"
-                    elif impl == "bare-fsdp-dp" and env["world_size"] == 1:
-                        row["error"] = "skipped: bare-fsdp-dp needs several ranks (torchrun); on one it is bare-fsdp"
-                    else:
-                        free_memory()
-                        try:
-                            if impl == "trainer":
-                                args_for_run = argparse.Namespace(**{**vars(args), "varlen": row["varlen"]})
-                                row.update(run_trainer(model, seq, batch, compile_on, args_for_run,
-                                                       row["trainer_config"]))
-                            else:
-                                row.update(run_bare(model, seq, batch, compile_on, BARE_PRECISION[impl], args))
-                        except Exception as e:  # noqa: BLE001  (one failed run, e.g. OOM, must not end the sweep)
-                            row["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-                            traceback.print_exc()  # the row keeps one line; the log keeps the why
-                        free_memory()
-                    if row.get("tokens_per_s") and peak:
-                        row["mfu_pct"] = 100 * row["flops_per_token"] * row["tokens_per_s"] / peak
-                    else:
-                        row.setdefault("mfu_pct", None)
-                    if impl == "trainer" and row.get("tokens_per_s"):
-                        bare = [r["tokens_per_s"] for r in rows if r["impl"] != "trainer" and r.get("tokens_per_s")
-                                and (r["model"], r["seq"], r["compile"]) == (name, seq, compile_on)]
-                        row["trainer_over_bare"] = row["tokens_per_s"] / max(bare) if bare else None
-                    rows.append(row)
-                    say(" ".join(table_row(row)))
-                    if out:
-                        out.write(json.dumps(row) + "\n")
-                        out.flush()
+                for repeat in range(args.repeats):
+                    # Bare variants first: the trainer row can then carry its ratio as soon as it ends.
+                    for impl in sorted(args.impls, key=lambda i: i == "trainer"):
+                        row = run_row(args, env, model, name, n_params, is_fla, seq, batch, compile_on, impl,
+                                      repeat, started)
+                        if row.get("tokens_per_s") and peak:
+                            row["mfu_pct"] = 100 * row["flops_per_token"] * row["tokens_per_s"] / peak
+                        else:
+                            row.setdefault("mfu_pct", None)
+                        if impl == "trainer" and row.get("tokens_per_s"):
+                            bare = [r["tokens_per_s"] for r in rows if r["impl"] != "trainer" and r.get("tokens_per_s")
+                                    and (r["model"], r["seq"], r["compile"], r["repeat"]) ==
+                                    (name, seq, compile_on, repeat)]
+                            row["trainer_over_bare"] = row["tokens_per_s"] / max(bare) if bare else None
+                        rows.append(row)
+                        say(" ".join(table_row(row)))
+                        if out:
+                            out.write(json.dumps(row) + "\n")
+                            out.flush()
     say()
     say(markdown(rows))
+    say()
+    say(summary_markdown(summarize(rows)))
     if out:
         out.close()
         say(f"\nrows appended to {args.out}")

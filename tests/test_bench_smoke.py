@@ -35,6 +35,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     out_dp = tmp_path_factory.mktemp("bench_dp") / "bench.jsonl"
+    out_first = tmp_path_factory.mktemp("first_step") / "first_step.jsonl"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     procs = {
         "bench": subprocess.Popen([sys.executable, *SMOKE_BENCH, "--repeats", "2", "--impls",
@@ -44,12 +45,15 @@ def runs(tmp_path_factory):
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "worker": subprocess.Popen([sys.executable, *WORKER], cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "first_step": subprocess.Popen([sys.executable, "scripts/benchmarks/bench_first_step.py", "--device", "cpu",
+                                        "--cases", "tiny_gla,gla_340M_tp2", "--out", str(out_first)], cwd=ROOT,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
     }
     results = {}
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         results[name] = (proc.returncode, stdout, stderr)
-    results["bench_out"], results["bench_dp_out"] = out, out_dp
+    results["bench_out"], results["bench_dp_out"], results["first_step_out"] = out, out_dp, out_first
     return results
 
 
@@ -110,6 +114,18 @@ def test_bench_train_bare_fsdp_dp_runs_over_two_ranks(runs):
     assert header["header"]["world_size"] == 2
     assert sorted(r["impl"] for r in rows) == ["bare-fsdp", "bare-fsdp-dp"]
     assert all("error" not in r and r["tokens_per_s"] > 0 and r["world_size"] == 2 for r in rows), rows
+
+
+def test_bench_first_step_times_a_fresh_launch_and_skips_what_needs_more_gpus(runs):
+    rc, stdout, stderr = runs["first_step"]
+    assert rc == 0, stdout[-2000:] + stderr[-3000:]
+    with open(runs["first_step_out"]) as f:
+        header, tiny, tp2 = [json.loads(line) for line in f]
+    assert header["header"]["device"] == "CPU"
+    assert "error" not in tiny, tiny
+    # From the launch: imports and model build come before the first step, so it takes longer than step 2.
+    assert tiny["first_step_s"] > tiny["second_step_s"] > 0 and tiny["exit_s"] > tiny["first_step_s"]
+    assert tp2["error"] == "skipped: needs 2 GPUs, 0 visible"
 
 
 def test_bench_train_seq_sweep_keeps_tokens_per_batch():

@@ -291,9 +291,7 @@ class Trainer(Stateful):
         for input_dict, labels in micro_batches:
             loss = self.forward_backward(input_dict, labels, global_valid)
             losses.append(loss)
-            n_tokens = labels.numel()
-            self.ntokens_seen += n_tokens
-            self.metrics.ntokens_since_last_log += n_tokens
+            self._count_tokens(labels.numel())
         self.metrics.steps_since_last_log += 1
 
         grad_norm, found_inf = self._clip_and_step()
@@ -307,7 +305,7 @@ class Trainer(Stateful):
             loss_mesh = pd.get_optional_mesh("loss")
             global_loss = dist_utils.dist_sum(loss, loss_mesh)
             loss_max = dist_utils.dist_max(local_mean, loss_mesh)
-            tokens = int(dist_utils.dist_sum(torch.tensor(self.ntokens_seen, device=self.device, dtype=torch.float64), loss_mesh))
+            tokens = self._global_tokens_seen(loss_mesh)
         else:
             global_loss, loss_max, tokens = loss.item(), local_mean.item(), self.ntokens_seen
         record = self.metrics.log(
@@ -316,6 +314,15 @@ class Trainer(Stateful):
         )
         record["found_inf"] = found_inf
         return record
+
+    def _count_tokens(self, n: int) -> None:
+        self.ntokens_seen += n
+        self.metrics.ntokens_since_last_log += n
+
+    def _global_tokens_seen(self, loss_mesh) -> int:
+        """Tokens every rank has trained on so far (a collective over the loss mesh)."""
+        return int(dist_utils.dist_sum(torch.tensor(self.ntokens_seen, device=self.device, dtype=torch.float64),
+                                       loss_mesh))
 
     def _reference_model(self):
         """rl.kl_coef: a gradient-free copy of the model, parallelized like it, holding the starting
@@ -359,9 +366,7 @@ class Trainer(Stateful):
             loss, stats = grpo_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, jc.rl.clip_eps,
                                     batch.global_tokens, ref_logp, jc.rl.kl_coef)
             loss.backward()
-        n_tokens = int(batch.mask.sum())
-        self.ntokens_seen += n_tokens
-        self.metrics.ntokens_since_last_log += n_tokens
+        self._count_tokens(int(batch.mask.sum()))
         self.metrics.steps_since_last_log += 1
         grad_norm, found_inf = self._clip_and_step()
         if not self.metrics.should_log(self.step):
@@ -373,8 +378,7 @@ class Trainer(Stateful):
             loss_mesh = pd.get_optional_mesh("loss")
             global_loss = dist_utils.dist_sum(loss, loss_mesh)
             gap_max = dist_utils.dist_max(gap_max, loss_mesh)
-            tokens = int(dist_utils.dist_sum(torch.tensor(self.ntokens_seen, device=self.device, dtype=torch.float64),
-                                             loss_mesh))
+            tokens = self._global_tokens_seen(loss_mesh)
         else:
             global_loss, gap_max, tokens = loss.item(), gap_max.item(), self.ntokens_seen
         rl_metrics = {**batch.metrics, "logprob_gap_max": float(gap_max),

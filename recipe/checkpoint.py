@@ -13,7 +13,7 @@ one line naming the newest good one, or with ``checkpoint.fallback`` the job res
 Nothing is deleted for it: purging (``keep_latest_k``) counts whole checkpoints only and never
 removes a damaged one, and a save of the same step moves a damaged folder to ``step-N.damaged``.
 Async saves stay in place (DCP writes ``.metadata`` last, and loading only considers folders that
-have it).
+have it). ``step-N`` folders written by flame's trainer load too (recipe/flame_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -308,18 +308,18 @@ class AtomicCheckpointManager(CheckpointManager):
     def _load_flame(self, state_dict: dict, checkpoint_id: str, metadata) -> None:
         """A checkpoint flame's trainer wrote (recipe/flame_checkpoint.py): model, optimizer, LR
         schedule and step; flame's data stream state cannot be continued here."""
-        dataloader = self.states.get(DATALOADER)
-        dp_degree = dataloader.dp_world_size if dataloader is not None else 1
+        dp_degree = getattr(self.states.get(DATALOADER), "dp_world_size", 1)
         request, model = nested_for_flame(state_dict, set(self.states) - {MODEL}, dp_degree)
         self._check_fits(flame_layout(model), checkpoint_id, metadata)
-        if DATALOADER in state_dict:
+        if DATALOADER in state_dict and _is_rank0():
             logger.warning(
                 f"checkpoint: {checkpoint_id} was written by flame; its data loader state is flame's own, "
                 "so the data stream restarts at the beginning of training.dataset"
             )
         dcp.load(request, checkpoint_id=checkpoint_id)
         self.states[MODEL].load_state_dict(model)
-        logger.info(f"checkpoint: resumed flame's {checkpoint_id} (model, optimizer, LR schedule, step)")
+        if _is_rank0():
+            logger.info(f"checkpoint: loaded {', '.join(request)} from flame's {checkpoint_id}")
 
     def _is_initial_load(self, checkpoint_id: str) -> bool:
         initial = self.initial_load_path

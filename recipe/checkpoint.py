@@ -13,7 +13,7 @@ one line naming the newest good one, or with ``checkpoint.fallback`` the job res
 Nothing is deleted for it: purging (``keep_latest_k``) counts whole checkpoints only and never
 removes a damaged one, and a save of the same step moves a damaged folder to ``step-N.damaged``.
 Async saves stay in place (DCP writes ``.metadata`` last, and loading only considers folders that
-have it).
+have it). ``step-N`` folders written by flame's trainer load too (recipe/flame_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchtitan.components.checkpoint import DATALOADER, MODEL, AsyncMode, CheckpointManager
 
 from recipe.errors import UserError
+from recipe.flame_checkpoint import flame_layout, is_flame_checkpoint, nested_for_flame
 
 logger = logging.getLogger(__name__)
 
@@ -283,8 +285,11 @@ class AtomicCheckpointManager(CheckpointManager):
 
     def dcp_load(self, state_dict, checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
         try:
-            if not from_hf:
-                self._check_fits(state_dict, checkpoint_id, FileSystemReader(checkpoint_id).read_metadata())
+            metadata = None if from_hf else FileSystemReader(checkpoint_id).read_metadata()
+            if metadata is not None and is_flame_checkpoint(metadata):
+                return self._load_flame(state_dict, checkpoint_id, metadata)
+            if metadata is not None:
+                self._check_fits(state_dict, checkpoint_id, metadata)
             super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
         except UserError:
             raise
@@ -299,6 +304,22 @@ class AtomicCheckpointManager(CheckpointManager):
                 f"checkpoint: loading {checkpoint_id} failed ({_first_line(e)}); its files are damaged in a way "
                 f"their sizes do not show: {fix}"
             ) from e
+
+    def _load_flame(self, state_dict: dict, checkpoint_id: str, metadata) -> None:
+        """A checkpoint flame's trainer wrote (recipe/flame_checkpoint.py): model, optimizer, LR
+        schedule and step; flame's data stream state cannot be continued here."""
+        dp_degree = getattr(self.states.get(DATALOADER), "dp_world_size", 1)
+        request, model = nested_for_flame(state_dict, set(self.states) - {MODEL}, dp_degree)
+        self._check_fits(flame_layout(model), checkpoint_id, metadata)
+        if DATALOADER in state_dict and _is_rank0():
+            logger.warning(
+                f"checkpoint: {checkpoint_id} was written by flame; its data loader state is flame's own, "
+                "so the data stream restarts at the beginning of training.dataset"
+            )
+        dcp.load(request, checkpoint_id=checkpoint_id)
+        self.states[MODEL].load_state_dict(model)
+        if _is_rank0():
+            logger.info(f"checkpoint: loaded {', '.join(request)} from flame's {checkpoint_id}")
 
     def _is_initial_load(self, checkpoint_id: str) -> bool:
         initial = self.initial_load_path

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from recipe.errors import UserError
+from recipe.flame_checkpoint import MODEL_PREFIX, is_flame_checkpoint
 
 # Top-level entries of a trainer checkpoint that are not model weights.
 NON_MODEL_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -176,23 +177,26 @@ def read_dcp_model(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
         metadata = reader.read_metadata()
     except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises anything
         raise ConversionError(f"--checkpoint: cannot read '{path}/.metadata' ({_first_line(e)})") from None
+    # flame's checkpoints nest the model under "model." (recipe/flame_checkpoint.py); flare's do not.
+    prefix = MODEL_PREFIX if is_flame_checkpoint(metadata) else ""
     tensors = {
-        k: v
+        k.removeprefix(prefix): v
         for k, v in metadata.state_dict_metadata.items()
-        if isinstance(v, TensorStorageMetadata) and k.split(".", 1)[0] not in NON_MODEL_SECTIONS
+        if isinstance(v, TensorStorageMetadata)
+        and (k.startswith(prefix) if prefix else k.split(".", 1)[0] not in NON_MODEL_SECTIONS)
     }
     check_against_spec({k: v.size for k, v in tensors.items()}, spec, f"checkpoint '{path}'")
     keys = [k for k in tensors if k in spec.shapes]
-    _check_dcp_files(path, metadata, set(keys))
+    _check_dcp_files(path, metadata, {prefix + k for k in keys})
 
-    state = {k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in keys}
+    state = {prefix + k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in keys}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
             dcp.load(state, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - read errors come as CheckpointException, a BaseException
         raise ConversionError(f"--checkpoint: cannot read the weights in '{path}' ({_first_line(e)})") from None
-    return complete_tied(state, spec)
+    return complete_tied({k.removeprefix(prefix): v for k, v in state.items()}, spec)
 
 
 def _check_dcp_files(path: str, metadata, keys: set[str]) -> None:

@@ -25,6 +25,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 from torchtitan.config import ConfigManager
 
+from recipe import flame_keys
 from recipe import job_config as flare_sections
 from recipe import torchtitan_keys
 from recipe.errors import ConfigError
@@ -100,7 +101,17 @@ def refusals_in_help() -> None:
 
 
 class FlareConfigManager(ConfigManager):
-    """torchtitan's ConfigManager that always merges flare's sections (recipe/job_config.py)."""
+    """torchtitan's ConfigManager that always merges flare's sections (recipe/job_config.py).
+
+    `toml_values`, when given, stand for the job file's contents (flame's keys already translated).
+    """
+
+    def __init__(self, toml_values: dict | None = None):
+        super().__init__()
+        self._toml_values = toml_values
+
+    def _maybe_load_toml(self, args):
+        return self._toml_values if self._toml_values is not None else super()._maybe_load_toml(args)
 
     def _maybe_add_custom_config(self, args, toml_values):
         docstrings_as_help(flare_sections)
@@ -137,17 +148,20 @@ def parse_job_config(args: list[str] | None = None, world_size: int | None = Non
 
     toml_path, toml_values = _load_toml(args)
     cls = config_class(args, toml_values)
+    flame = flame_keys.Translation()  # flame's keys -> flare's (recipe/flame_keys.py)
     if toml_values:
+        toml_values = flame_keys.translate_toml(toml_values, toml_path, flame)
         _check_toml(cls, toml_values, toml_path)
-    tyro_args = _normalize_cli(cls, args)
+    tyro_args = _normalize_cli(cls, flame_keys.translate_cli(args, cls, flame))
 
-    manager = FlareConfigManager()
+    manager = FlareConfigManager(toml_values)
     try:
         config = manager.parse_args(tyro_args)
     except SystemExit as e:  # tyro found something our pre-checks missed
         raise ConfigError(f"command line: could not parse {' '.join(args)!r} (exit {e.code})") from None
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     validate(config, world_size)
+    flame_keys.settle(config, flame)
     return config
 
 

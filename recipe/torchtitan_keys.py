@@ -37,7 +37,6 @@ REFUSED: dict[str, str] = {
         "flare does not read torchtitan's HF assets folder; use model.tokenizer (tokenizer), model.config "
         "(config.json) and model.init_from_hf (safetensors weights)"
     ),
-    "model.tokenizer_path": "flare does not read it; set model.tokenizer = '<tokenizer folder or tokenizer.json>'",
     # [optimizer]
     "optimizer.early_step_in_backward": (
         "flare accumulates micro-batches, clips the gradient norm and skips NaN/Inf steps after backward, "
@@ -162,6 +161,7 @@ ACTED_ON: dict[str, str] = {
     "metrics.enable_wandb": "torchtitan.components.metrics._build_metric_logger",
     "model.name": "recipe/trainer.py (flare's label, logged with the parameter count)",
     "model.converters": "torchtitan.protocols.model_converter.build_model_converters (recipe/trainer.py)",
+    "model.tokenizer_path": "recipe/flame_keys.py (flame's name for model.tokenizer)",
     "model.print_after_conversion": "torchtitan.protocols.model_converter (ModelConvertersContainer.convert)",
     "optimizer.name": "torchtitan.components.optimizer.build_optimizers (Adam or AdamW: recipe/config.py)",
     "optimizer.lr": "build_optimizers",

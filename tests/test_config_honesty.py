@@ -28,7 +28,6 @@ IGNORED_BEFORE = [
     "validation.freq",
     "training.dataset_path",
     "model.hf_assets_path",
-    "model.tokenizer_path",
     "model.flavor",
     "fault_tolerance.enable",
     "fault_tolerance.process_group",

@@ -38,7 +38,7 @@ from recipe.config import data_parallel_degrees, gradient_accumulation_steps
 from recipe.data import build_dataloader
 from recipe.device import configure_device
 from recipe.errors import UserError
-from recipe.fla_kernels import set_norm_backward_programs_per_sm
+from recipe.fla_kernels import set_norm_backward_programs_per_sm, use_torch_gated_backward
 from recipe.hooks import StepState, build_post_step_hooks, close_hooks, run_post_step_hooks
 from recipe.metrics import MetricsProcessor
 from recipe.model import (
@@ -107,6 +107,7 @@ class Trainer(Stateful):
         # Model: meta → converters (float8) → parallelize → materialize → init.
         disable_unsupported_fused_kernels(self.model_config, self.device_type)
         set_norm_backward_programs_per_sm(jc.model.norm_backward_programs_per_sm)
+        use_torch_gated_backward()  # only where fla refuses its own kernel (Hopper, Triton < 3.7.1)
         prepare_model_config(self.model_config, pd, jc)
         model = build_model_on_meta(self.model_config)
         self.converters = build_model_converters(jc, pd)

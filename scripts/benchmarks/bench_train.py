@@ -322,10 +322,11 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
         install_shipped_results(Job.autotune_results)
     # By default the trainer's launch of fla's norm backward (recipe/fla_kernels.py), so that the
     # bare loop stays the ceiling of the same kernels.
-    from recipe.fla_kernels import set_norm_backward_programs_per_sm
+    from recipe.fla_kernels import set_norm_backward_programs_per_sm, use_torch_gated_backward
     from recipe.job_config import Model
 
     set_norm_backward_programs_per_sm(norm_backward_programs_per_sm or Model.norm_backward_programs_per_sm)
+    use_torch_gated_backward()  # as the trainer: where fla refuses its gated backward kernel
     tokenizer, batches = synthetic_batches(model_path, seq, batch, n_batches)
     if on_gpu:
         batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]

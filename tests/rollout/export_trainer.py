@@ -40,7 +40,7 @@ def main() -> None:
     source = tiny_llama_source(device)
     transport = build_transport(SimpleNamespace(
         transport=args.transport, engine_address="127.0.0.1", engine_port=args.port, engine_world_size=1,
-        timeout_s=args.timeout_s, bucket_mb=BUCKET_BYTES / 2**20, placement="disaggregated"))
+        timeout_s=args.timeout_s, bucket_mb=BUCKET_BYTES / 2**20, placement="disaggregated", on_failure="log"))
     transport.init()
     transport.start(args.version, source.buckets)
     for plan in source.buckets:

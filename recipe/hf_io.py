@@ -4,7 +4,8 @@ The trainer's DCP checkpoints hold the model's own ``state_dict`` keys flat at t
 (torchtitan's ``ModelWrapper``), beside ``optimizer.*``, ``lr_scheduler.*``, ``dataloader.*`` and
 ``train_state.*`` entries; a model-only checkpoint has the model keys alone. Those keys are exactly
 the HF model's keys, so nothing is renamed in either direction (flame's converter nests them as
-``model.model.*``, which a resumed job cannot load). DCP stores global tensors, so one process reads
+``model.model.*``, which a resumed job cannot load), except the names and splits transformers'
+``save_pretrained`` writes otherwise for some model types (``SAVED_NAMES``, ``SAVED_SPLITS``). DCP stores global tensors, so one process reads
 a checkpoint saved in any parallel layout, and DCP reshards a written one on load.
 
 Every key and shape is checked against the model built (on the meta device) from the config, so a

@@ -70,7 +70,7 @@ def apply_compile(blocks: nn.ModuleList, compile_config, *, final_norm: tuple[nn
     # layer_idx (and other int attributes that differ between blocks) become symbolic on the
     # second block instead of one recompile per layer; ints that never change stay constants.
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
-    if any(is_fla_module(m) for block in blocks for m in block.modules()):
+    if any(is_fla_module(m) or getattr(m, "calls_fla_kernels", False) for block in blocks for m in block.modules()):
         n = keep_fla_kernels_opaque()
         logger.info(f"fla kernels run outside the compiled graphs ({n} autograd functions made opaque to dynamo)")
     for name, block in list(blocks.named_children()):

@@ -11,8 +11,9 @@ attention models with a quadratic attention they never compute (hence MFU > 100%
   Counting modules rather than config arithmetic keeps it right for any head/MLP layout, for
   float8 (``Float8Linear`` is an ``nn.Linear``) and for TP/FSDP (DTensor ``numel`` is global).
 * ``mixer``: the token-mixing work outside ``nn.Linear``, one function per ``model_type`` in
-  ``MIXER_FLOPS`` (register yours with ``@register_mixer_flops("my_type")``); each docstring
-  gives its formula. Element-wise work (norms, gates, activations, softmax) is not counted.
+  ``MIXER_FLOPS`` (register yours with ``@register_mixer_flops("my_type")``; one marked
+  ``per_layer`` also takes the layer index); each docstring gives its formula. Element-wise work
+  (norms, gates, activations, softmax) is not counted.
 
 Convention: every matmul is counted at its full dense size and masks are ignored: the causal
 T×T attention and the causal C×C intra-chunk blocks are not halved. For attention this is
@@ -156,6 +157,23 @@ def gated_deltanet_mixer_flops(config, seq_len: int) -> float:
     return flops
 
 
+@register_mixer_flops("olmo_hybrid")
+def olmo_hybrid_mixer_flops(config, seq_len: int, layer_idx: int) -> float:
+    """OLMo-Hybrid, per ``config.layer_types``: a "full_attention" layer as HF Llama's attention
+    (4·seq·H·Dh); a "linear_attention" layer as Gated DeltaNet's delta rule and short convs,
+    Hv·[2·C·(3·dk + 2·dv) + 6·dk·dv + C²/3] + 2·K·(2·Hk·dk + Hv·dv), with Hk/Hv =
+    linear_num_key/value_heads, dk/dv = linear_key/value_head_dim, K = linear_conv_kernel_dim
+    (q/k heads are repeated to Hv before the kernel)."""
+    if config.layer_types[layer_idx] == "full_attention":
+        return llama_mixer_flops(config, seq_len)
+    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+    dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+    return hv * chunk_delta_rule_flops(dk, dv) + short_conv_flops(2 * hk * dk + hv * dv, config.linear_conv_kernel_dim)
+
+
+olmo_hybrid_mixer_flops.per_layer = True  # takes layer_idx: its layers mix tokens in two ways
+
+
 def ssd_flops(heads: int, head_dim: int, groups: int, state: int, chunk: int) -> float:
     """Mamba2's state space duality (SSD) scan, chunked as mamba_ssm's kernels compute it.
 
@@ -219,11 +237,13 @@ def flops_breakdown(model_config, seq_len: int, model: nn.Module | None = None) 
         return {"matmul": matmul, "mixer": 0.0}
     attn = getattr(model_config, "attn", None)  # fla hybrids: softmax attention at some layers
     mixer = 0.0
+    per_layer = getattr(mixer_fn, "per_layer", False)
     for layer_idx in range(model_config.num_hidden_layers):
         spec = _attention_spec(attn, layer_idx)
-        mixer += (
-            _hybrid_attention_flops(spec, model_config, seq_len) if spec else mixer_fn(model_config, seq_len)
-        )
+        if spec:
+            mixer += _hybrid_attention_flops(spec, model_config, seq_len)
+        else:
+            mixer += mixer_fn(model_config, seq_len, layer_idx) if per_layer else mixer_fn(model_config, seq_len)
     return {"matmul": matmul, "mixer": 3.0 * mixer}
 
 

@@ -4,7 +4,8 @@ The trainer's DCP checkpoints hold the model's own ``state_dict`` keys flat at t
 (torchtitan's ``ModelWrapper``), beside ``optimizer.*``, ``lr_scheduler.*``, ``dataloader.*`` and
 ``train_state.*`` entries; a model-only checkpoint has the model keys alone. Those keys are exactly
 the HF model's keys, so nothing is renamed in either direction (flame's converter nests them as
-``model.model.*``, which a resumed job cannot load). DCP stores global tensors, so one process reads
+``model.model.*``, which a resumed job cannot load), except the names and splits transformers'
+``save_pretrained`` writes otherwise for some model types (``SAVED_NAMES``, ``SAVED_SPLITS``). DCP stores global tensors, so one process reads
 a checkpoint saved in any parallel layout, and DCP reshards a written one on load.
 
 Every key and shape is checked against the model built (on the meta device) from the config, so a
@@ -42,6 +43,17 @@ TRANSFORMERS_NAMES = {
     "mamba2": {"norm_eps": "layer_norm_epsilon", "rmsnorm": "rms_norm", "dt_limit": "time_step_limit",
                "dt_min": "time_step_min", "dt_max": "time_step_max", "dt_init_floor": "time_step_floor"},
 }
+# Names transformers' save_pretrained writes (it reverses the renames it applies when loading),
+# read under the model's own names, which are the ones written and the ones vLLM loads.
+# transformers 5.24 writes OLMo-Hybrid's pre-norms as attention_layer_norm/feedforward_layer_norm
+# (the attention blocks' post_attention_layernorm too), names vLLM 0.26 refuses.
+SAVED_NAMES = {
+    "olmo_hybrid": {"attention_layer_norm": "input_layernorm", "feedforward_layer_norm": "post_attention_layernorm"},
+}
+# Weights a model holds as several tensors that transformers' save_pretrained writes cut at other
+# boundaries: transformers 5.24 cuts OLMo-Hybrid's stacked short convolutions [q | k | v] into
+# three equal parts (so wrongly whenever value_dim != key_dim); read back joined and cut at the model's.
+SAVED_SPLITS = {"olmo_hybrid": ("q_conv1d", "k_conv1d", "v_conv1d")}
 # Initialization settings written switched off, because a reader applies them to loaded weights:
 # transformers 5.24's Mamba2 `_init_weights` divides out_proj by sqrt(num_hidden_layers) in
 # from_pretrained when rescale_prenorm_residual is set (fla's own class does not).
@@ -277,9 +289,49 @@ def read_hf_weights(
 ) -> dict[str, torch.Tensor]:
     """The safetensors weights of an HF folder (one file or an index with shards), validated."""
     state, source = read_safetensors(folder, flag)
+    state, source = model_names(state, spec), model_names(source, spec)
+    state = rejoin_splits(state, spec)
     where = f"HF folder '{folder}'" if flag == "--hf" else f"{flag}: '{folder}'"
     check_against_spec({k: v.shape for k, v in state.items()}, spec, where, fix, source)
     return complete_tied(state, spec)
+
+
+def model_names(values: dict, spec: ModelSpec) -> dict:
+    """{key: value} with either name of a SAVED_NAMES pair read as the one the model has."""
+    pairs = SAVED_NAMES.get(spec.config.model_type, {})
+    out = {}
+    for key, value in values.items():
+        for a, b in [*pairs.items(), *((b, a) for a, b in pairs.items())]:
+            renamed = key.replace(f".{a}.", f".{b}.")
+            if renamed != key and renamed in spec.shapes and key not in spec.shapes:
+                key = renamed
+                break
+        out[key] = value
+    return out
+
+
+def rejoin_splits(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Tensors of a SAVED_SPLITS group whose shapes differ from the model's but add up to them,
+    joined (dim 0) and cut at the model's boundaries."""
+    parts = SAVED_SPLITS.get(spec.config.model_type)
+    if not parts:
+        return state
+    for first in [k for k in state if k.endswith(f".{parts[0]}.weight")]:
+        keys = [first[: -len(f"{parts[0]}.weight")] + f"{p}.weight" for p in parts]
+        if not all(k in state and k in spec.shapes for k in keys):
+            continue
+        rows = [spec.shapes[k][0] for k in keys]
+        if [state[k].shape[0] for k in keys] != rows and sum(state[k].shape[0] for k in keys) == sum(rows):
+            for key, tensor in zip(keys, torch.cat([state[k] for k in keys]).split(rows)):
+                state[key] = tensor
+    return state
+
+
+def served_name(name: str, model_type: str) -> str:
+    """The name vLLM loads for a model parameter: SAVED_NAMES' second name, whichever the model has."""
+    for saved, served in SAVED_NAMES.get(model_type, {}).items():
+        name = name.replace(f".{saved}.", f".{served}.")
+    return name
 
 
 def write_hf(
@@ -296,7 +348,7 @@ def write_hf(
 
     # HF stores a tied tensor once, under the first module's name; from_pretrained re-ties it.
     weights = {
-        k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        served_name(k, spec.config.model_type): (v.to(dtype) if v.is_floating_point() else v).contiguous()
         for k, v in state.items()
         if k not in spec.tied
     }

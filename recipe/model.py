@@ -131,12 +131,30 @@ def check_model_config(config) -> None:
         )
 
 
-def build_model_on_meta(config) -> nn.Module:
-    """The model with meta tensors: no memory is used until it is parallelized and materialized."""
+def flare_model_class(model_type: str):
+    """flare's class for a model type it trains under other parameter names than the class
+    transformers builds (recipe/olmo_hybrid.py says why), else None."""
+    if model_type == "olmo_hybrid":
+        from recipe.olmo_hybrid import OlmoHybridForCausalLM
+
+        return OlmoHybridForCausalLM
+    return None
+
+
+def build_model(config, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_config``, or flare's class of this model type."""
     from transformers import AutoModelForCausalLM
 
+    cls = flare_model_class(config.model_type)
+    if cls is not None:
+        return cls._from_config(config, **kwargs)
+    return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def build_model_on_meta(config) -> nn.Module:
+    """The model with meta tensors: no memory is used until it is parallelized and materialized."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = build_model(config, torch_dtype=torch.float32)
     return model
 
 

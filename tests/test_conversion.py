@@ -32,7 +32,7 @@ from recipe.hf_io import load_config
 from recipe.tokenizer import byte_tokenizer
 
 TINY = os.path.join(ROOT, "configs", "tiny")
-FAMILIES = ["llama", "gla", "delta_net", "gated_deltanet", "retnet", "hgrn2", "mamba2", "transformer"]
+FAMILIES = ["llama", "gla", "delta_net", "gated_deltanet", "retnet", "hgrn2", "mamba2", "transformer", "olmo_hybrid"]
 
 
 def _script(name):
@@ -72,14 +72,14 @@ def fake_flash_attn(monkeypatch):
 
 
 def random_model(config_path, **overrides):
-    """A tiny model with every tensor random (norm weights included), and its config."""
-    from transformers import AutoModelForCausalLM
+    """A tiny model (as the trainer builds it) with every tensor random (norm weights included), and its config."""
+    from recipe.model import build_model
 
     config = load_config(config_path, "--config", byte_tokenizer())
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = build_model(config)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
@@ -117,6 +117,15 @@ def load_hf(folder):
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
+
+
+def as_transformers_holds(state: dict) -> dict:
+    """OLMo-Hybrid: transformers' own class holds the three short convolutions as one conv1d [q|k|v]."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".q_conv1d.weight")]:
+        prefix = key[: -len("q_conv1d.weight")]
+        out[f"{prefix}conv1d.weight"] = torch.cat([out.pop(f"{prefix}{c}_conv1d.weight") for c in "qkv"])
+    return out
 
 
 def assert_identical(actual: dict, expected: dict):
@@ -249,12 +258,39 @@ def test_every_family_converts_both_ways(tmp_path, capsys, fake_flash_attn, fami
     if overrides.get("tie_word_embeddings"):
         assert "lm_head.weight" not in stored  # HF stores a tied tensor once
     loaded = load_hf(hf)
-    assert_identical({k: v for k, v in loaded.state_dict().items()}, source)
+    assert_identical({k: v for k, v in loaded.state_dict().items()},
+                     as_transformers_holds(source) if family == "olmo_hybrid" else source)
     if overrides.get("tie_word_embeddings"):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
     convert_ok(capsys, HF_TO_DCP, "--hf", hf, "--output", back)
     assert_identical(dcp_tensors(back), source)  # tied aliases included, as the trainer saves them
+
+
+def test_olmo_hybrid_folder_saved_by_transformers_reads_under_the_model_names(tmp_path, capsys):
+    """transformers 5.24's save_pretrained writes OLMo-Hybrid's block norms as attention_layer_norm /
+    feedforward_layer_norm and its conv1d as q/k/v_conv1d of equal sizes (what it joins on load;
+    the model's are 32/32/64); flare reads them as the tensors its model has, and writes them back
+    under the names vLLM loads."""
+    from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridForCausalLM
+
+    config = load_config(os.path.join(TINY, "olmo_hybrid.json"), "--config", byte_tokenizer())
+    torch.manual_seed(0)
+    model = OlmoHybridForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / "hf")
+    saved = hf_tensors(tmp_path / "hf")
+    assert "model.layers.0.attention_layer_norm.weight" in saved
+    assert [saved[f"model.layers.0.linear_attn.{c}_conv1d.weight"].shape[0] for c in "qkv"] == [43, 43, 42]
+    convert_ok(capsys, HF_TO_DCP, "--hf", tmp_path / "hf", "--output", tmp_path / "dcp")
+    back = dcp_tensors(tmp_path / "dcp")
+    assert "model.layers.0.input_layernorm.weight" in back
+    assert_identical(as_transformers_holds(back), model.state_dict())
+    convert_ok(capsys, DCP_TO_HF, "--checkpoint", tmp_path / "dcp", "--config", tmp_path / "hf" / "config.json",
+               "--output", tmp_path / "again")
+    assert hf_tensors(tmp_path / "again").keys() == back.keys()
 
 
 # --------------------------------------------------------------------------- 4. bad input

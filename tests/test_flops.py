@@ -270,6 +270,38 @@ def test_llama_whole_formula_matches_counter_with_eager_attention():
     assert flops.flops_breakdown(config, seq_len, model)["mixer"] == attention
 
 
+def test_olmo_hybrid_counts_each_layer_by_its_type():
+    """OLMo-Hybrid's attention layer: the whole train step under the counter with eager attention
+    (its Gated DeltaNet kernel is fla's Triton, invisible: added from fla's naive chunked delta
+    rule with the layer's head dims, checked against the formula's delta-rule term)."""
+    from recipe.model import build_model
+
+    config = tiny("olmo_hybrid")
+    assert config.layer_types == ["linear_attention", "full_attention"]
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = build_model(config)
+    seq_len = 2 * C
+    mixer = model.model.layers[0].linear_attn
+    hv, dk, dv = config.linear_num_value_heads, mixer.head_k_dim, mixer.head_v_dim
+    delta_rule = _delta_rule_reference_flops(hv, dk, dv, seq_len, gated=True)
+    assert hv * flops.chunk_delta_rule_flops(dk, dv) == pytest.approx(delta_rule, rel=0.01)
+    # The counter sees the Linear matmuls and the attention layer's T×T matmuls, forward and
+    # backward. The short convs (transformers' torch conv1d) are taken from their forward: the
+    # counter's convolution_backward formula ignores groups (a depthwise conv counts as dense).
+    tokens = torch.randint(0, config.vocab_size, (1, seq_len))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    matmuls = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" not in str(op))
+    measured = matmuls / seq_len + 3 * (delta_rule + _conv_flops_per_token(mixer, seq_len))
+    assert flops.flops_per_token(config, seq_len, model) == pytest.approx(measured, rel=0.01)
+    linear, attention = (flops.MIXER_FLOPS["olmo_hybrid"](config, seq_len, i) for i in (0, 1))
+    assert attention == flops.MIXER_FLOPS["llama"](config, seq_len) == 4 * seq_len * config.hidden_size
+    assert linear != attention
+    assert flops.flops_breakdown(config, seq_len, model)["mixer"] == 3 * (linear + attention)
+
+
 def test_fla_transformer_counts_like_the_same_llama(monkeypatch):
     # tiny/transformer.json has tiny/llama.json's shapes; it cannot run on CPU (flash-attn), but its
     # formula must agree with the counter-checked Llama one. A placeholder lets it build on meta.

@@ -32,6 +32,7 @@ SIZES = {
     "transformer_340M": (340e6, 373_867_520),
     "mamba2_340M": (340e6, 382_387_712),  # flame's mamba2_340M (48 layers, untied embeddings)
     "llama_360M": (360e6, 373_867_520),
+    "olmo_hybrid_400M": (400e6, 412_148_384),  # 18 Gated DeltaNet + 6 attention layers (OLMo-Hybrid's 3:1)
     "gla_1B": (1.3e9, 1_365_514_240),
     "llama_1B": (1.3e9, 1_364_297_728),
 }
@@ -61,6 +62,7 @@ def test_every_family_has_a_340M_and_a_tiny_config():
     for family in ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "transformer", "llama"):
         assert f"tiny/{family}.json" in names
         assert any(n.startswith(f"{family}_3") for n in names), family
+    assert {"tiny/olmo_hybrid.json", "olmo_hybrid_400M.json"} <= names
     assert set(f"{n}.json" for n in SIZES) <= names
 
 

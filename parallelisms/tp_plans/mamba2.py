@@ -117,7 +117,8 @@ def _local_partial(value):
 
 
 class SplitGatedRMSNorm(ParallelStyle):
-    """fla's ``RMSNormGated`` over channels split across TP ranks, normalized over all of them.
+    """fla's ``RMSNormGated`` (or an ungated HF RMSNorm) over channels split across TP ranks,
+    normalized over all of them.
 
     ``y = w · g / sqrt(mean(g²) + eps)``, with ``g = x · silu(z)`` (``norm_before_gate=False``, as
     Mamba2 and vLLM have it) or ``g = x`` and the gate applied after; the mean spans the whole
@@ -127,7 +128,8 @@ class SplitGatedRMSNorm(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp = device_mesh.size()
-        norm_before_gate = module.norm_before_gate
+        norm_before_gate = getattr(module, "norm_before_gate", True)  # HF's RMSNorm has no gate
+        eps = module.eps if hasattr(module, "eps") else module.variance_epsilon  # fla's / HF's name
 
         def forward(x, z=None):
             dtype = x.dtype
@@ -137,7 +139,7 @@ class SplitGatedRMSNorm(ParallelStyle):
             squares = g.pow(2).sum(-1, keepdim=True)
             squares = DTensor.from_local(squares, device_mesh, [Partial()], run_check=False)
             squares = squares.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
-            y = g * torch.rsqrt(squares / (g.shape[-1] * tp) + module.eps) * module.weight.float()
+            y = g * torch.rsqrt(squares / (g.shape[-1] * tp) + eps) * module.weight.float()
             if z is not None and norm_before_gate:
                 y = y * F.silu(z.float())
             return y.to(dtype)

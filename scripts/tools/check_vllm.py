@@ -71,9 +71,20 @@ def prompt_ids() -> list[list[int]]:
 # ---------------------------------------------------------------- engine side (runs in the worker)
 
 
+# Parameters vLLM's loaders stack from several HF weights outside packed_modules_mapping, by the
+# class of the module holding them: {class: {parameter module: (HF modules, their rows)}}.
+# OLMo-Hybrid: one conv1d from q_conv1d/k_conv1d/v_conv1d (layers/mamba/gdn/olmo_gdn_linear_attn.py).
+LOADER_STACKED = {
+    "OlmoHybridGatedDeltaNetAttention": {
+        "conv1d": (("q_conv1d", "k_conv1d", "v_conv1d"), lambda m: [m.key_dim, m.key_dim, m.value_dim]),
+    },
+}
+
+
 def engine_weights(worker) -> dict:
     """The worker's parameters under HF names: vLLM's packed modules (``packed_modules_mapping``,
-    e.g. qkv_proj = q/k/v, gate_up_proj = gate/up) split by their ``output_sizes``. TP=1 only."""
+    e.g. qkv_proj = q/k/v, gate_up_proj = gate/up) split by their ``output_sizes``, and the
+    parameters of LOADER_STACKED split by their rows. TP=1 only."""
     model = worker.model_runner.model
     unwrap = getattr(model, "unwrap", None)
     model = unwrap() if callable(unwrap) else model
@@ -84,7 +95,12 @@ def engine_weights(worker) -> dict:
         module_name, _, leaf = name.rpartition(".")
         parent, _, last = module_name.rpartition(".")
         sizes = getattr(modules.get(module_name), "output_sizes", None)
-        if last in packed and sizes and len(packed[last]) == len(sizes) and sum(sizes) == p.shape[0]:
+        stacked = LOADER_STACKED.get(type(modules.get(parent)).__name__, {}).get(last)
+        if stacked:
+            subs, rows = stacked[0], stacked[1](modules[parent])
+            for sub, piece in zip(subs, p.detach().split(rows, dim=0)):
+                out[f"{parent}.{sub}.{leaf}"] = piece
+        elif last in packed and sizes and len(packed[last]) == len(sizes) and sum(sizes) == p.shape[0]:
             for sub, piece in zip(packed[last], p.detach().split(list(sizes), dim=0)):
                 out[f"{parent}.{sub}.{leaf}"] = piece
         else:
@@ -119,14 +135,18 @@ def engine_memory(worker) -> dict:
 
 
 class Reference:
-    """transformers' model for the config, loaded with the trainer's exported weights."""
+    """transformers' model for the config (flare's class where it holds transformers' weights under
+    the checkpoint names, as OLMo-Hybrid: recipe/olmo_hybrid.py), loaded with the trainer's
+    exported weights."""
 
     def __init__(self, hf_dir: str):
         import torch
         import transformers
 
+        from recipe.model import build_model
+
         config = transformers.AutoConfig.from_pretrained(hf_dir)
-        self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+        self.model = build_model(config, dtype=torch.bfloat16).cuda().eval()
 
     def load(self, tensors: dict) -> None:
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)

@@ -57,6 +57,9 @@ def model_config(family: str, model_type: str | None = None, **overrides):
         small.update(head_dim=32)
     values.update(small)
     values.update(overrides)
+    types = values.get("layer_types")
+    if types and len(types) != values["num_hidden_layers"]:  # OLMo-Hybrid: repeat the file's pattern
+        values["layer_types"] = [types[i % len(types)] for i in range(values["num_hidden_layers"])]
     return AutoConfig.for_model(model_type, **values)
 
 

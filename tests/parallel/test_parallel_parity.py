@@ -15,7 +15,7 @@ import parallel_harness as H
 
 pytestmark = pytest.mark.slow
 
-RUNNABLE = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "llama"]
+RUNNABLE = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "llama", "olmo_hybrid"]
 
 
 def _ac(mode, option="2"):
@@ -61,7 +61,8 @@ JOBS2 = (
     + [("llama_tied", "tp2"), ("llama_tied", "fsdp2"), ("qwen3", "tp2"), ("gla_linear_ce", "tp2")]
     + [("transformer", "tp2")]
     # every other plan with activation checkpointing under DDP: AC wraps each family's blocks
-    + [(m, "ddp2_ac_every2") for m in ("gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "transformer")]
+    + [(m, "ddp2_ac_every2") for m in ("gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "transformer",
+                                       "olmo_hybrid")]
 )
 # Every TP plan also under FSDP: 2-D (dp_shard x tp) DTensors on every sharded parameter.
 JOBS4 = ([(m, "fsdp2_tp2") for m in [*RUNNABLE, "transformer"]]

@@ -12,7 +12,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.checkpoint import CheckpointPolicy
 from torchtitan.distributed import ParallelDims
-from transformers import AutoModelForCausalLM
 
 import parallel_harness as H
 from parallelisms import (
@@ -30,8 +29,8 @@ from parallelisms.tensor_parallel import apply_tp
 from parallelisms.tp_plans import registry
 from recipe.errors import ConfigError
 
-REGISTERED = ["delta_net", "gated_deltanet", "gla", "hgrn2", "llama", "mamba2", "qwen2", "qwen3", "retnet",
-              "transformer"]
+REGISTERED = ["delta_net", "gated_deltanet", "gla", "hgrn2", "llama", "mamba2", "olmo_hybrid", "qwen2", "qwen3",
+              "retnet", "transformer"]
 
 
 def job(family="gla", *, world=2, tp=1, dp_replicate=1, dp_shard=-1, extra=()):
@@ -66,7 +65,8 @@ def test_tp_must_divide_heads(family, key):
 @pytest.mark.parametrize(
     "family,overrides,key",
     [("gla", {"num_kv_heads": 1}, "num_kv_heads=1"), ("llama", {"num_key_value_heads": 1}, "num_key_value_heads=1"),
-     ("gla", {"vocab_size": 511}, "vocab_size=511"), ("llama", {"intermediate_size": 129}, "intermediate_size=129")],
+     ("gla", {"vocab_size": 511}, "vocab_size=511"), ("llama", {"intermediate_size": 129}, "intermediate_size=129"),
+     ("olmo_hybrid", {"linear_num_key_heads": 1, "linear_num_value_heads": 1}, "linear_num_key_heads=1")],
 )
 def test_tp_must_divide_kv_heads_vocab_and_mlp(family, overrides, key):
     cfg = H.model_config(family, **overrides)
@@ -166,7 +166,7 @@ def _ac_config(mode, option="2"):
     [("none", "2", []), ("full", "2", [0, 1, 2, 3]), ("selective", "op", [0, 1, 2, 3]),
      ("selective", "1", [0, 1, 2, 3]), ("selective", "2", [1, 3]), ("selective", "3", [2])],
 )
-@pytest.mark.parametrize("family", ["llama", "mamba2"])
+@pytest.mark.parametrize("family", ["llama", "mamba2", "olmo_hybrid"])
 def test_ac_wraps_the_right_blocks(mode, option, wrapped, family):
     for _ in range(2):  # a second model gets the same layers: no counter leaks across calls
         cfg = H.model_config(family, num_hidden_layers=4)
@@ -198,25 +198,36 @@ def test_recompile_limit_grows_with_layers():
         cfg.recompile_limit, cfg.accumulated_recompile_limit = old
 
 
+# A kernel launch of fla each family's blocks make: (module, function). OLMo-Hybrid has no fla
+# module, only transformers' mixer calling fla's chunked delta rule.
+FLA_LAUNCH = {"olmo_hybrid": ("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule_fwd")}
+
+
 def _compile_tiny(family: str, n_layers: int, monkeypatch) -> dict:
     """Compile a tiny model's blocks with apply_compile and run it once: dynamo's graph count,
-    whether dynamo traced into fla's RMSNorm kernel launch, and the largest logit difference."""
-    import fla.modules.norm.layernorm as fla_norm
+    whether dynamo traced into an fla kernel launch (RMSNorm's unless FLA_LAUNCH says), and the
+    largest logit difference."""
+    import importlib
+
     from torch._dynamo.utils import counters
 
+    from recipe.model import build_model
+
+    module, fn = FLA_LAUNCH.get(family, ("fla.modules.norm.layernorm", "layer_norm_fwd"))
+    fla_module = importlib.import_module(module)
     traced = []
-    launch = fla_norm.layer_norm_fwd
+    launch = getattr(fla_module, fn)
 
     def spy(*args, **kwargs):  # a plain function: dynamo traces it like the code around it
         traced.append(torch.compiler.is_compiling())
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(fla_norm, "layer_norm_fwd", spy)
+    monkeypatch.setattr(fla_module, fn, spy)
     torch._dynamo.reset()
     counters.clear()
     cfg = H.model_config(family, num_hidden_layers=n_layers)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = build_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 80))  # > 64 tokens: GLA's chunked kernels; Mamba2: 5 chunks
     with torch.no_grad():
         eager = model(input_ids=ids).logits
@@ -227,7 +238,7 @@ def _compile_tiny(family: str, n_layers: int, monkeypatch) -> dict:
             "diff": (compiled - eager).abs().max().item()}
 
 
-@pytest.mark.parametrize("family", ["gla", "mamba2"])
+@pytest.mark.parametrize("family", ["gla", "mamba2", "olmo_hybrid"])
 def test_compile_keeps_fla_kernels_opaque(family, monkeypatch):
     """Dynamo compiles the torch code around fla's kernels and never traces into them (it used to,
     and handed the Triton kernels to inductor: minutes of compiling; on CPU, Triton's interpreter
@@ -308,6 +319,20 @@ EXPECTED = {
     "qwen3": ("llama", {"model_type": "qwen3"}, {
         "model.layers.0.self_attn.q_norm.weight": R, "model.layers.0.self_attn.k_proj.weight": S0,
     }, {}),
+    # layer 0: Gated DeltaNet (the gated_deltanet plan's mixer); layer 1: attention whose q/k norms
+    # span all heads, so their weights are sharded with the heads
+    "olmo_hybrid": ("olmo_hybrid", {}, {
+        "model.embed_tokens.weight": S0, "lm_head.weight": S0, "model.norm.weight": R,
+        "model.layers.0.input_layernorm.weight": R, "model.layers.0.post_attention_layernorm.weight": R,
+        "model.layers.0.linear_attn.q_proj.weight": S0, "model.layers.0.linear_attn.g_proj.weight": S0,
+        "model.layers.0.linear_attn.a_proj.weight": S0, "model.layers.0.linear_attn.q_conv1d.weight": S0,
+        "model.layers.0.linear_attn.v_conv1d.weight": S0, "model.layers.0.linear_attn.A_log": S0,
+        "model.layers.0.linear_attn.dt_bias": S0, "model.layers.0.linear_attn.o_norm.weight": R,
+        "model.layers.0.linear_attn.o_proj.weight": S1, "model.layers.0.mlp.down_proj.weight": S1,
+        "model.layers.1.self_attn.q_norm.weight": S0, "model.layers.1.self_attn.k_norm.weight": S0,
+        "model.layers.1.self_attn.v_proj.weight": S0, "model.layers.1.self_attn.o_proj.weight": S1,
+        "model.layers.1.post_attention_layernorm.weight": R, "model.layers.1.post_feedforward_layernorm.weight": R,
+    }, {"linear_attn.key_dim": 16, "linear_attn.value_dim": 32}),
 }
 
 
@@ -325,9 +350,10 @@ def test_plan_shards_heads(tp_mesh, name, monkeypatch):
     assert all(isinstance(p, DTensor) for p in params.values())
     for pname, placement in placements.items():
         assert params[pname].placements == (placement,), pname
-    mixer = plan.blocks(model)[0].get_submodule(plan.attn_name)
+    block = plan.blocks(model)[0]
     for attr, value in local.items():
-        assert getattr(mixer, attr) == value, attr
+        path, _, leaf = attr.rpartition(".")  # relative to the block, or to its mixer (attn_name)
+        assert getattr(block.get_submodule(path or plan.attn_name), leaf) == value, attr
 
 
 def test_mamba2_rows_of_each_segment():

@@ -41,6 +41,30 @@ def test_engine_weights_split_vllm_packed_modules_back_into_hf_names():
     assert torch.equal(got["layer.mlp.up_proj.weight"], gate_up[12:])
 
 
+class OlmoHybridGatedDeltaNetAttention(torch.nn.Module):
+    """vLLM's OLMo-Hybrid mixer as far as check_vllm reads it: one conv1d stacking q/k/v's filters."""
+
+    def __init__(self):
+        super().__init__()
+        self.key_dim, self.value_dim = 4, 8
+        self.conv1d = torch.nn.Module()
+        self.conv1d.weight = torch.nn.Parameter(torch.randn(16, 1, 3))
+        self.in_proj_qkvg = Packed([4, 4, 8, 8], 6)
+
+
+def test_engine_weights_split_olmo_hybrid_stacked_convs_back_into_hf_names():
+    model = torch.nn.Module()
+    model.linear_attn = OlmoHybridGatedDeltaNetAttention()
+    model.packed_modules_mapping = {"in_proj_qkvg": ["q_proj", "k_proj", "v_proj", "g_proj"]}
+    got = engine_weights(SimpleNamespace(model_runner=SimpleNamespace(model=model)))
+    conv, qkvg = model.linear_attn.conv1d.weight, model.linear_attn.in_proj_qkvg.weight
+    assert sorted(got) == sorted(f"linear_attn.{n}.weight" for n in
+                                 ("q_conv1d", "k_conv1d", "v_conv1d", "q_proj", "k_proj", "v_proj", "g_proj"))
+    assert torch.equal(got["linear_attn.k_conv1d.weight"], conv[4:8])
+    assert torch.equal(got["linear_attn.v_conv1d.weight"], conv[8:])
+    assert torch.equal(got["linear_attn.g_proj.weight"], qkvg[16:])
+
+
 def test_a_weight_vllm_stores_transformed_is_compared_in_its_engine_form():
     a_log = torch.randn(4, dtype=torch.bfloat16)
     engine = {"backbone.layers.0.mixer.A": -a_log.float().exp(), "backbone.layers.0.mixer.D": torch.ones(4)}

@@ -24,6 +24,7 @@ from recipe.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA = os.path.join(ROOT, "configs", "tiny", "llama.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
 HOOKS = "tests.rollout.probe_hooks:Gate,recipe.rollout.trainer.hook:RolloutHook,tests.rollout.probe_hooks:Probe"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -186,6 +187,21 @@ def test_fla_gated_deltanet_fp32_decay_params_and_logits(run):
     run.open_gate(1)
     run.finish(trainer)
     check_version(run, 1, 1, 1, exact_logits=True)
+
+
+def test_olmo_hybrid_tp2_trainer_to_an_engine_under_vllms_names(run):
+    """OLMo-Hybrid trained under TP=2 (both mixer plans) into transformers' model in the engine:
+    every weight arrives bit for bit under the names vLLM loads, and the logits agree."""
+    config = os.path.join(ROOT, "configs", "tiny", "olmo_hybrid.json")
+    run.receivers(config, 1, "a")
+    trainer = run.trainer(2, config, 1, 1, [1], "--parallelism.tensor_parallel_degree", "2")
+    run.wait_for("ready_a0")
+    run.open_gate(1)
+    run.finish(trainer)
+    check_version(run, 1, 1, 1, exact_logits=False)
+    with open(os.path.join(HERE, "vllm_olmo_hybrid_names.json")) as f:
+        served = json.load(f)["checkpoint_names"]
+    assert sorted(torch.load(os.path.join(run.tmp, "v1.rank0.pt"))["params"]) == sorted(served)
 
 
 def test_a_receiver_that_dies_or_hangs_costs_at_most_the_timeout(run):

@@ -63,7 +63,7 @@ def packed_in_one_bucket(cfg):
 # --------------------------------------------------------------------------- adapters
 
 
-@pytest.mark.parametrize("family", FLA_FAMILIES + ["llama"])
+@pytest.mark.parametrize("family", FLA_FAMILIES + ["llama", "olmo_hybrid"])
 def test_every_checkpoint_weight_is_exported_once_in_layer_order(family):
     cfg = tiny(family)
     model = build_model_on_meta(cfg)

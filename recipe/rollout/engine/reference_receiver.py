@@ -258,10 +258,10 @@ class HFEngine:
     """The HF/fla model itself (names as in fla's checkpoints), one full copy per rank."""
 
     def __init__(self, config, dtype: torch.dtype, device="cpu"):
-        from transformers import AutoModelForCausalLM
+        from recipe.model import build_model
 
         self.dtype, self.device = dtype, torch.device(device)
-        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(self.device).eval()
+        self.model = build_model(config, dtype=dtype).to(self.device).eval()
         keep = _FP32_NAMES.get(config.model_type, ())
         self.params = dict(self.model.named_parameters())  # tied weights appear once
         for n, t in self.params.items():

@@ -19,12 +19,13 @@ Register an adapter for a new model type with ``@register_export_adapter("my_typ
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from recipe.errors import ConfigError
+from recipe.hf_io import served_name
 
 _ADAPTERS: dict[str, type["ExportAdapter"]] = {}
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -182,6 +183,46 @@ class Mamba2Adapter(ExportAdapter):
                 f"rollout.engine_tp_size={engine_tp}: vLLM's Mamba2 needs it to divide num_heads={c.num_heads} "
                 f"and n_groups={c.n_groups} (or n_groups=1)"
             )
+
+
+@register_export_adapter("olmo_hybrid")
+class OlmoHybridAdapter(ExportAdapter):
+    """OLMo-Hybrid (``recipe/olmo_hybrid.py``) for vLLM's ``OlmoHybridForCausalLM`` (vLLM 0.26), which
+    loads the HF checkpoint names and packs them itself: q/k/v into ``qkv_proj``, q/k/v/g into
+    ``in_proj_qkvg``, ``q_conv1d``/``k_conv1d``/``v_conv1d`` into ``conv1d``, gate/up into
+    ``gate_up_proj``. Block norms go under the names vLLM loads (``input_layernorm``,
+    ``post_attention_layernorm``) whatever the installed transformers calls them
+    (``recipe.hf_io.SAVED_NAMES``). vLLM holds ``A_log``/``dt_bias`` in the model dtype: they are
+    sent in it.
+
+    vLLM's model has no setting for some of transformers' (its attention has no biases and heads
+    of ``hidden_size / num_attention_heads``, its MLP is SiLU-gated): such a model is refused.
+    """
+
+    def __init__(self, config, dtype: torch.dtype, *, engine_tp: int = 1, fused: bool = False):
+        super().__init__(config, dtype, engine_tp=engine_tp, fused=fused)
+        c = config
+        served_as = {  # setting: (this model's value, what vLLM's OlmoHybridForCausalLM computes)
+            "attention_bias": (c.attention_bias, False),
+            "head_dim": (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                         c.hidden_size // c.num_attention_heads),
+            "hidden_act": (c.hidden_act, "silu"),
+        }
+        for key, (value, served) in served_as.items():
+            if value != served:
+                raise ConfigError(
+                    f"rollout: model.config has {key}={value!r} but vLLM's OlmoHybridForCausalLM computes "
+                    f"{key}={served!r}, so the engine would serve another model; export is supported for "
+                    f"{key}={served!r}"
+                )
+        for key in ("num_attention_heads", "linear_num_key_heads", "linear_num_value_heads"):
+            if getattr(c, key) % engine_tp:
+                raise ConfigError(f"rollout.engine_tp_size={engine_tp}: vLLM's OLMo-Hybrid needs it to divide "
+                                  f"{key}={getattr(c, key)}")
+        heads_per_rank(c.num_key_value_heads or c.num_attention_heads, engine_tp)
+
+    def plan(self, shapes: dict[str, tuple[int, ...]]) -> list[ExportItem]:
+        return [replace(it, name=served_name(it.name, self.config.model_type)) for it in super().plan(shapes)]
 
 
 # --------------------------------------------------------------------------- HF Llama family

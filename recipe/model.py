@@ -21,6 +21,16 @@ logger = logging.getLogger(__name__)
 # reset, so `to_empty` would leave them uninitialized (HGRN/HGRN2's per-layer forget-gate bounds).
 _CONSTRUCTOR_CONSTANTS = {"lower_bounds": 0.0}
 
+# Model types of flame (fla-org/flame) that live in flame's own tree, not in fla.
+_FLAME_OWN_MODELS = {"sba": "custom_models/sba"}
+
+# flame's Mamba configs use fla's earlier names of the dt (time step) settings; fla 0.6's
+# MambaConfig takes dt_* and would silently ignore them (dt_rank would fall back to hidden/16).
+_MAMBA_RENAMED_KEYS = {
+    "time_step_rank": "dt_rank", "time_step_scale": "dt_scale", "time_step_min": "dt_min",
+    "time_step_max": "dt_max", "time_step_init_scheme": "dt_init_scheme", "time_step_floor": "dt_init_floor",
+}
+
 # Config flags of fla's fused loss kernels; they run on CUDA (and NPU/XPU) tensors only.
 _CUDA_ONLY_FUSED_LOSSES = ("fuse_cross_entropy", "fuse_linear_cross_entropy")
 
@@ -45,6 +55,7 @@ def load_model_config(path: str):
     # builds fla's Mamba2, whose parameters carry transformers' names and shapes.
     import fla  # noqa: F401
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if os.path.isdir(path):
         try:
@@ -59,13 +70,40 @@ def load_model_config(path: str):
     model_type = values.pop("model_type", None)
     if not model_type:
         raise UserError(f"model.config: '{path}' has no \"model_type\" key (e.g. \"gla\", \"llama\")")
+    if model_type not in CONFIG_MAPPING:
+        raise _unknown_model_type(model_type, path)
+    if model_type == "mamba":
+        _rename_mamba_keys(values, path)
     try:
         return AutoConfig.for_model(model_type, **values)
-    except ValueError as e:
-        raise UserError(
-            f"model.config: unknown model_type '{model_type}' in '{path}' ({e}); register custom "
-            "models through experimental.custom_import"
-        ) from None
+    except ValueError as e:  # the config class refused a value
+        raise UserError(f"model.config: '{path}' ({model_type}): {e}") from None
+
+
+def _unknown_model_type(model_type: str, path: str) -> UserError:
+    if model_type in _FLAME_OWN_MODELS:
+        return UserError(
+            f"model.config: model_type '{model_type}' in '{path}' is flame's own model "
+            f"({_FLAME_OWN_MODELS[model_type]} in fla-org/flame), not part of fla; name a module that "
+            "registers it (AutoConfig/AutoModelForCausalLM.register) in experimental.custom_import, or use "
+            "fla's stick-breaking attention model, model_type 'stickbreaking_attn' (its own config keys)"
+        )
+    return UserError(
+        f"model.config: unknown model_type '{model_type}' in '{path}': neither transformers nor fla has it; "
+        "register custom models through experimental.custom_import"
+    )
+
+
+def _rename_mamba_keys(values: dict, path: str) -> None:
+    renamed = [(old, new) for old, new in _MAMBA_RENAMED_KEYS.items() if old in values]
+    for old, new in renamed:
+        if new in values and values[new] != values[old]:
+            raise UserError(f"model.config: '{path}' sets both {old}={values[old]} and {new}={values[new]} "
+                            f"(fla's mamba reads {new}); keep one")
+        values[new] = values.pop(old)
+    if renamed:
+        logger.info(f"model.config: fla's mamba names {', '.join(o for o, _ in renamed)} "
+                    f"{', '.join(n for _, n in renamed)}; read as those")
 
 
 def reconcile_with_tokenizer(config, tokenizer) -> None:
@@ -99,8 +137,9 @@ def uses_fla(config) -> bool:
 
 
 # fla families whose layers drop `cu_seqlens`: fla 0.6's Mamba2 takes it in **kwargs and never
-# uses it (its kernels get seq_idx=None), so documents packed in one row would share the state.
-_NO_CU_SEQLENS = ("mamba2",)
+# uses it (its kernels get seq_idx=None), nor does its Mamba1 (mamba, samba's recurrent layers),
+# so documents packed in one row would share the state.
+_NO_CU_SEQLENS = ("mamba2", "mamba", "samba")
 
 
 def check_varlen(config) -> None:
@@ -117,8 +156,24 @@ def check_varlen(config) -> None:
         )
 
 
+def check_flash_attn(config) -> None:
+    """fla's softmax attention layers (``transformer``, the ``attn`` layers of hybrids such as
+    samba) call flash-attn and refuse to build without it."""
+    if not uses_fla(config) or not (config.model_type == "transformer" or getattr(config, "attn", None)):
+        return
+    import fla.layers.attn
+
+    if fla.layers.attn.flash_attn_func is None:
+        raise ConfigError(
+            f"model.config: model_type '{config.model_type}' runs its softmax attention with flash-attn, which is "
+            "not installed; install it on a CUDA machine: pip install flash-attn --no-build-isolation"
+        )
+
+
 def check_model_config(config) -> None:
-    """Refuse, before anything is built, settings flare would train into a model served otherwise."""
+    """Refuse, before anything is built, models this machine cannot build and settings flare would
+    train into a model served otherwise."""
+    check_flash_attn(config)
     groups = getattr(config, "n_groups", 1)
     if config.model_type == "mamba2" and uses_fla(config) and groups != 1:
         # fla 0.6's torch SSD path (the one used without mamba_ssm, and under TP) tiles B/C over
@@ -135,9 +190,18 @@ def build_model_on_meta(config) -> nn.Module:
     """The model with meta tensors: no memory is used until it is parallelized and materialized."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    except ImportError as e:  # fla layers that need an optional package (flash-attn) refuse to build
+        raise ConfigError(f"model.config: model_type '{config.model_type}' cannot be built: {e}{_cuda_only(e)}") from None
     return model
+
+
+def _cuda_only(error: ImportError) -> str:
+    if "flash" in str(error).lower() and not torch.cuda.is_available():
+        return " (flash-attn runs on CUDA only: train this model on a GPU machine)"
+    return ""
 
 
 def count_parameters(model: nn.Module) -> int:

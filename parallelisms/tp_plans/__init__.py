@@ -12,6 +12,7 @@ from parallelisms.tp_plans import (  # noqa: E402,F401
     hgrn2,
     llama,
     mamba2,
+    refused,
     retnet,
     transformer,
 )

@@ -6,6 +6,7 @@ families are registered by a module named in ``experimental.custom_import``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -209,6 +210,51 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+# fla modules whose `_init_weights` writes plain tensors into their parameters (Mamba1: `A_log.copy_`,
+# `dt_proj.bias.data = ...`), which fails on a DTensor (FSDP, TP) or would replace its shard.
+_PLAIN_TENSOR_INIT = ("fla.layers.mamba.Mamba",)
+def _mamba1_constructor_values(mixer: nn.Module) -> None:
+    """A_log (S4D-real: log 1..N for every channel) and D = 1, as fla's Mamba1 constructor sets
+    them; fla's samba `_init_weights` leaves both to the constructor, which `to_empty` undoes."""
+    states = torch.arange(1, mixer.ssm_state_size + 1, dtype=torch.float32, device=mixer.A_log.device)
+    mixer.A_log.copy_(states.log().expand_as(mixer.A_log))
+    mixer.D.fill_(1.0)
+
+
+# Parameter attributes fla's init sets, read later (optimizer grouping, no re-init).
+_INIT_FLAGS = ("_no_weight_decay", "_no_reinit")
+
+
+def _qualified_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+@contextlib.contextmanager
+def _whole_parameters(modules: list[nn.Module]):
+    """While the block runs, the DTensor parameters of ``modules`` are whole local tensors; after
+    it, each rank keeps its shard of what was written into them."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    swapped = []
+    for module in modules:
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if isinstance(param, DTensor):
+                    whole = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+                    owner._parameters[name] = nn.Parameter(whole, requires_grad=param.requires_grad)
+                    swapped.append((owner, name, param))
+    try:
+        yield
+    finally:
+        for owner, name, param in swapped:
+            whole = owner._parameters[name]
+            param.copy_(distribute_tensor(whole.detach(), param.device_mesh, param.placements, src_data_rank=None))
+            for flag in _INIT_FLAGS:
+                if hasattr(whole, flag):
+                    setattr(param, flag, getattr(whole, flag))
+            owner._parameters[name] = param
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module) -> None:
     """Initialize a materialized (``to_empty``) model with its own HF/fla init scheme.
@@ -219,10 +265,14 @@ def init_weights(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "_is_hf_initialized"):
             del module._is_hf_initialized
-    if hasattr(model, "initialize_weights"):
-        model.initialize_weights()
-    else:
-        model.apply(model._init_weights)
+    plain_init = [m for m in model.modules() if _qualified_name(m) in _PLAIN_TENSOR_INIT]
+    with _whole_parameters(plain_init):
+        if hasattr(model, "initialize_weights"):
+            model.initialize_weights()
+        else:
+            model.apply(model._init_weights)
+        for module in plain_init:
+            _mamba1_constructor_values(module)
     for name, param in model.named_parameters():
         value = _CONSTRUCTOR_CONSTANTS.get(name.rsplit(".", 1)[-1])
         if value is not None:

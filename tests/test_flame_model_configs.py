@@ -124,6 +124,9 @@ def test_flame_config_trains_two_steps_or_is_refused(name, tmp_path):
         with pytest.raises(ConfigError, match=rf"^model\.config: model_type '{config.model_type}' runs its softmax "
                                               r"attention with flash-attn, .*pip install flash-attn"):
             check_model_config(config)
+        with pytest.raises(ConfigError, match=rf"^model\.config: model_type '{config.model_type}' cannot be built: "
+                                              r".*flash-attn.*\(flash-attn runs on CUDA only: .*\)$"):
+            build_model_on_meta(config)  # the build's own refusal, for layers check_model_config does not know
     with sdpa_flash_attn.installed() if uses_softmax_attention(config) else contextlib.nullcontext():
         check_model_config(config)
         disable_unsupported_fused_kernels(config, "cpu")

@@ -103,8 +103,7 @@ def _rename_mamba_keys(values: dict, path: str) -> None:
                             f"(fla's mamba reads {new}); keep one")
         values[new] = values.pop(old)
     if renamed:
-        logger.info(f"model.config: fla's mamba names {', '.join(o for o, _ in renamed)} "
-                    f"{', '.join(n for _, n in renamed)}; read as those")
+        logger.info(f"model.config: read {', '.join(f'{o} as {n}' for o, n in renamed)} (fla's mamba names)")
 
 
 def reconcile_with_tokenizer(config, tokenizer) -> None:

@@ -194,7 +194,9 @@ def build_model_on_meta(config) -> nn.Module:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     except ImportError as e:  # fla layers that need an optional package (flash-attn) refuse to build
-        raise ConfigError(f"model.config: model_type '{config.model_type}' cannot be built: {e}{_cuda_only(e)}") from None
+        raise ConfigError(
+            f"model.config: model_type '{config.model_type}' cannot be built: {e}{_cuda_only(e)}"
+        ) from None
     return model
 
 

@@ -45,7 +45,8 @@ VOCAB, SEQ = 512, 16  # small: fla's Triton kernels run interpreted on CPU
 # Configs that do not train, and the one-line error they stop with.
 REFUSED = {
     "sba_340m": (UserError, r"^model\.config: model_type 'sba' in '.*' is flame's own model \(custom_models/sba "
-                            r"in fla-org/flame\), not part of fla; .*experimental\.custom_import, or use fla's .*'stickbreaking_attn'"),
+                            r"in fla-org/flame\), not part of fla; .*experimental\.custom_import, "
+                            r"or use fla's .*'stickbreaking_attn'"),
 }
 SMALLER = {"head_dim": 32, "time_step_rank": 8, "state_size": 16, "num_slots": 16, "expand_ratio": 32,
            "chunk_size": 16}
@@ -142,9 +143,9 @@ def test_flame_config_trains_two_steps_or_is_refused(name, tmp_path):
     # Every family flame ships has an honest FLOPs formula and either a TP plan or a one-line refusal.
     assert config.model_type in flops.MIXER_FLOPS
     if find_tp_plan(config.model_type) is None:
-        with pytest.raises(ConfigError, match=rf"^parallelism\.tensor_parallel_degree: model_type "
-                                              rf"'{config.model_type}' has no tensor parallelism \(.*\); set "
-                                              r"parallelism\.tensor_parallel_degree=1 \(FSDP, HSDP and DDP train it\)$"):
+        refusal = (rf"^parallelism\.tensor_parallel_degree: model_type '{config.model_type}' has no tensor "
+                   r"parallelism \(.*\); set parallelism\.tensor_parallel_degree=1 \(FSDP, HSDP and DDP train it\)$")
+        with pytest.raises(ConfigError, match=refusal):
             get_tp_plan(config.model_type)
 
 

@@ -194,6 +194,33 @@ def mamba2_mixer_flops(config, seq_len: int) -> float:
     return ssd_flops(h, p, g, n, config.chunk_size) + short_conv_flops(h * p + 2 * g * n, config.conv_kernel)
 
 
+@register_mixer_flops("gsa")
+def gsa_mixer_flops(config, seq_len: int) -> float:
+    """Gated Slot Attention: two chunked GLA passes per head (fla's chunk_gsa), keys into M =
+    num_slots slots, then the slot softmax (element-wise) reading the slots' values:
+    H·[2·C·(dk + M) + 4·dk·M] + H·[2·C·(M + dv) + 4·M·dv] (+ 2·K·(key_dim + (key_dim + value_dim)/groups)
+    with short conv), dk = hidden·expand_k/H, dv = hidden·expand_v/H; K/V/slot gates are repeated to H.
+    Like HGRN2, fla switches to its recurrent kernel for seq ≤ 64, which this does not model."""
+    h = config.num_heads
+    groups = h // (getattr(config, "num_kv_heads", None) or h)
+    key_dim, value_dim = round(config.hidden_size * config.expand_k), round(config.hidden_size * config.expand_v)
+    dk, dv = key_dim // h, value_dim // h
+    slots = config.num_slots or dk  # fla's default: one slot per key dimension
+    flops = h * (chunk_linear_attention_flops(dk, slots) + chunk_linear_attention_flops(slots, dv))
+    if getattr(config, "use_short_conv", False):
+        flops += short_conv_flops(key_dim + (key_dim + value_dim) // groups, config.conv_size)
+    return flops
+
+
+@register_mixer_flops("mamba", "samba")
+def mamba_mixer_flops(config, seq_len: int) -> float:
+    """Mamba1 (fla's ``Mamba``; samba's recurrent layers): the selective scan per channel and state,
+    the state update's dt·B·x (2·E·N) and the readout C·h (2·E·N), + 2·K·E for the depthwise conv,
+    E = intermediate_size (expand·hidden), N = state_size. The dt/B/C projections are nn.Linear."""
+    inner, state = config.intermediate_size, config.state_size
+    return 4 * inner * state + short_conv_flops(inner, config.conv_kernel)
+
+
 @register_mixer_flops("transformer")
 def transformer_mixer_flops(config, seq_len: int) -> float:
     """fla Transformer: causal softmax attention, 4·min(seq, window)·H·Dh, Dh = hidden/H."""

@@ -111,7 +111,9 @@ def model_spec(config) -> ModelSpec:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' deprecation chatter
             model = build_model_on_meta(config)
-    except Exception as e:  # noqa: BLE001 - e.g. fla's transformer without flash-attn
+    except UserError as e:  # e.g. fla's transformer without flash-attn: already one line, naming the type
+        raise ConversionError(str(e).removeprefix("model.config: ")) from None
+    except Exception as e:  # noqa: BLE001
         raise ConversionError(f"cannot build model_type '{config.model_type}': {_first_line(e)}") from None
     first_name, tied = {}, {}
     for name, param in model.named_parameters(remove_duplicate=False):

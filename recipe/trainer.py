@@ -69,11 +69,14 @@ class TooManySkippedSteps(UserError):
 
 def check_model_against_job(model_config, job_config, world_size: int | None = None) -> None:
     """The checks that need the model config but no devices (the trainer and --job.dry_run)."""
+    from recipe.rollout.trainer.hook import check_rollout_model
+
     check_model_config(model_config)
     if job_config.training.varlen:
         check_varlen(model_config)
     validate_parallelism(model_config, job_config, world_size)
     validate_rl(job_config)
+    check_rollout_model(model_config, job_config)
 
 
 class Trainer(Stateful):

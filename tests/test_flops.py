@@ -252,6 +252,54 @@ def test_mamba2_linear_and_conv_parts_match_counter_on_real_train_step():
     assert conv_per_output == config.num_hidden_layers * flops.short_conv_flops(mixer.conv1d.in_channels, kernel)
 
 
+def test_gsa_mixer_is_two_chunked_gla_passes_through_the_slots():
+    """fla's chunk_gsa: keys into the slots (chunk GLA, dk -> num_slots), the slot softmax, then the
+    slots' values (chunk GLA, num_slots -> dv); the naive chunked GLA reference for each pass."""
+    seq_len = 2 * C
+    config = tiny("gsa")
+    config.use_short_conv, config.conv_size = True, 4  # the conv term too
+    attn = _attn(config)
+    heads, dk, dv, slots = attn.num_heads, attn.head_k_dim, attn.head_v_dim, attn.num_slots
+    assert slots != dk  # the two passes differ
+    reference = _chunk_gla_reference_flops(heads, dk, slots, seq_len) + _chunk_gla_reference_flops(heads, slots, dv,
+                                                                                                    seq_len)
+    reference += _conv_flops_per_token(attn, seq_len)
+    assert flops.MIXER_FLOPS["gsa"](config, seq_len) == pytest.approx(reference, rel=0.01)
+
+
+def test_mamba_parts_match_counter_on_real_train_step():
+    # fla's torch Mamba1 path (no mamba_ssm): nn.Linear (6·N_matmul), the readout C·h as a matmul
+    # per step (2·E·N, seen by the counter) and the depthwise conv; the state update's dt·B·x
+    # (the other 2·E·N of the formula) is an element-wise product there, unseen.
+    config = tiny("mamba")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    seq_len, kernel = 16, config.conv_kernel
+    tokens = torch.randint(0, config.vocab_size, (1, seq_len))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    mixer = model.backbone.layers[0].mixer
+    inner, state, layers = mixer.intermediate_size, mixer.ssm_state_size, config.num_hidden_layers
+    linear = sum(n for op, n in by_op.items() if op in ("aten.mm", "aten.addmm")) / seq_len
+    assert flops.flops_breakdown(config, seq_len, model)["matmul"] == pytest.approx(linear, rel=0.01)
+    assert by_op["aten.bmm"] / seq_len == pytest.approx(3 * layers * 2 * inner * state, rel=0.01)
+    conv_per_output = by_op["aten.convolution"] / (seq_len + kernel - 1)  # padded both sides, as mamba2's
+    assert conv_per_output == layers * flops.short_conv_flops(inner, kernel)
+    assert flops.MIXER_FLOPS["mamba"](config, seq_len) == 4 * inner * state + flops.short_conv_flops(inner, kernel)
+
+
+def test_samba_counts_mamba_layers_and_its_sliding_window_attention(monkeypatch):
+    monkeypatch.setattr(fla.layers.attn, "flash_attn_func", lambda *a, **k: None)  # meta build only
+    config = tiny("samba")
+    window, seq_len = config.attn["window_size"], 256
+    mixer = flops.flops_breakdown(config, seq_len)["mixer"] / 3
+    attention = 4 * window * config.hidden_size  # layer 1: H·4·min(seq, window)·Dh
+    assert config.attn["layers"] == [1] and window < seq_len
+    assert mixer == pytest.approx(flops.MIXER_FLOPS["samba"](config, seq_len) + attention)
+
+
 # ---- softmax attention
 
 

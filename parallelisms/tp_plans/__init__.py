@@ -13,6 +13,7 @@ from parallelisms.tp_plans import (  # noqa: E402,F401
     llama,
     mamba2,
     olmo_hybrid,
+    refused,
     retnet,
     transformer,
 )

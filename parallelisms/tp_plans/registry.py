@@ -6,6 +6,8 @@ from parallelisms.tp_plans.base import TPPlan
 from recipe.errors import ConfigError
 
 _PLANS: dict[str, type[TPPlan]] = {}
+# Model types with no tensor parallelism, and why in a few words (data parallelism trains them).
+_REFUSED: dict[str, str] = {}
 
 
 def register_tp_plan(*model_types: str):
@@ -28,6 +30,11 @@ def register_tp_plan(*model_types: str):
     return register
 
 
+def refuse_tp(model_type: str, why: str) -> None:
+    """Make ``tensor_parallel_degree > 1`` a ConfigError for ``model_type`` saying ``why``."""
+    _REFUSED[model_type] = why
+
+
 def registered_model_types() -> list[str]:
     return sorted(_PLANS)
 
@@ -38,6 +45,11 @@ def find_tp_plan(model_type: str) -> type[TPPlan] | None:
 
 def get_tp_plan(model_type: str) -> type[TPPlan]:
     """The plan class for ``model_type``; ConfigError listing the registered types if none."""
+    if model_type in _REFUSED:
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree: model_type '{model_type}' has no tensor parallelism "
+            f"({_REFUSED[model_type]}); set parallelism.tensor_parallel_degree=1 (FSDP, HSDP and DDP train it)"
+        )
     try:
         return _PLANS[model_type]
     except KeyError:

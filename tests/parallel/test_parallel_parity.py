@@ -16,6 +16,9 @@ import parallel_harness as H
 pytestmark = pytest.mark.slow
 
 RUNNABLE = ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "llama", "olmo_hybrid"]
+# fla families with tensor parallelism refused (parallelisms/tp_plans/refused.py): data parallel only.
+# samba's sliding-window attention layers run with the SDPA stand-in's exact window mask.
+DATA_PARALLEL_ONLY = ["gsa", "mamba", "samba"]
 
 
 def _ac(mode, option="2"):
@@ -40,7 +43,7 @@ LAYOUTS = {
 }
 
 # name: (config file, model_config overrides, setup function in parallel_harness)
-MODELS = {family: (family, {}, "") for family in RUNNABLE}
+MODELS = {family: (family, {}, "") for family in [*RUNNABLE, *DATA_PARALLEL_ONLY]}
 MODELS["gla"] = ("gla", {"use_short_conv": True}, "")  # cover GLA's short convolutions too
 MODELS["llama_tied"] = ("llama", {"tie_word_embeddings": True}, "")
 MODELS["qwen3"] = ("llama", {"model_type": "qwen3"}, "")  # per-head q/k norms
@@ -63,6 +66,7 @@ JOBS2 = (
     # every other plan with activation checkpointing under DDP: AC wraps each family's blocks
     + [(m, "ddp2_ac_every2") for m in ("gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "transformer",
                                        "olmo_hybrid")]
+    + [(m, "fsdp2") for m in DATA_PARALLEL_ONLY]
 )
 # Every TP plan also under FSDP: 2-D (dp_shard x tp) DTensors on every sharded parameter.
 JOBS4 = ([(m, "fsdp2_tp2") for m in [*RUNNABLE, "transformer"]]

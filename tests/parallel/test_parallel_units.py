@@ -464,10 +464,12 @@ def test_sdpa_flash_attn_standin_is_causal_gqa_attention():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 7, n, 8, generator=g, dtype=torch.float64) for n in (4, 2, 2))
 
-    def naive(q, k, v):
+    def naive(q, k, v, window=None):
         kv = torch.arange(q.shape[2]) // (q.shape[2] // k.shape[2])
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k[:, :, kv]) * q.shape[-1] ** -0.5
         causal = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()
+        if window is not None:  # query i sees keys i - window .. i
+            causal &= ~torch.ones_like(causal).tril(-window - 1)
         return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), v[:, :, kv])
 
     torch.testing.assert_close(S.flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)), naive(q, k, v))
@@ -475,7 +477,9 @@ def test_sdpa_flash_attn_standin_is_causal_gqa_attention():
     packed = S.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, causal=True)
     torch.testing.assert_close(packed, torch.cat([naive(q[:, :3], k[:, :3], v[:, :3])[0],
                                                   naive(q[:, 3:], k[:, 3:], v[:, 3:])[0]]))
-    for bad in ({"window_size": (3, 0)}, {"dropout_p": 0.1}, {"softcap": 1.0}):
+    torch.testing.assert_close(S.flash_attn_func(q, k, v, causal=True, window_size=(2, 0)), naive(q, k, v, window=2))
+    assert not torch.allclose(naive(q, k, v, window=2), naive(q, k, v))
+    for bad in ({"window_size": (3, 1)}, {"window_size": (-1, 0)}, {"dropout_p": 0.1}, {"softcap": 1.0}):
         with pytest.raises(NotImplementedError):
             S.flash_attn_func(q, k, v, causal=True, **bad)
     with pytest.raises(NotImplementedError):

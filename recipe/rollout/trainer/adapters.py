@@ -72,14 +72,18 @@ def registered_export_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def get_export_adapter(config, dtype: torch.dtype, *, engine_tp: int = 1, fused: bool = False) -> "ExportAdapter":
+def export_adapter_class(model_type: str) -> type:
     try:
-        cls = _ADAPTERS[config.model_type]
+        return _ADAPTERS[model_type]
     except KeyError:
         raise ConfigError(
-            f"rollout: model_type '{config.model_type}' has no export adapter (registered: "
+            f"rollout: model_type '{model_type}' has no export adapter (registered: "
             f"{', '.join(registered_export_types())}); register one with @register_export_adapter"
         ) from None
+
+
+def get_export_adapter(config, dtype: torch.dtype, *, engine_tp: int = 1, fused: bool = False) -> "ExportAdapter":
+    cls = export_adapter_class(config.model_type)
     return cls(config, dtype, engine_tp=engine_tp, fused=fused)
 
 

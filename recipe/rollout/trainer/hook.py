@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from recipe.errors import ConfigError, UserError
 from recipe.hooks import StepState, register_post_step_hook
-from recipe.rollout.trainer.adapters import get_export_adapter
+from recipe.rollout.trainer.adapters import export_adapter_class, get_export_adapter
 from recipe.rollout.trainer.source import Bucket, WeightSource
 from recipe.rollout.trainer.senders import build_transport
 
@@ -59,6 +59,18 @@ def validate_rollout(job_config) -> None:
         raise ConfigError("rollout.transport=ipc needs the engine on the same GPUs: set placement = colocated")
     if r.transport in ("nccl", "ipc", "vllm") and not torch.cuda.is_available():
         raise ConfigError(f"rollout.transport={r.transport} needs CUDA; use gloo on CPU")
+
+
+def rollout_hook_listed(job_config) -> bool:
+    return job_config.rollout.enable and any(h == "rollout" or h.endswith("RolloutHook")
+                                             for h in job_config.hooks.post_step)
+
+
+def check_rollout_model(model_config, job_config) -> None:
+    """Before any training: a model type with no export adapter cannot be exported (the hook
+    would otherwise fail at its first export)."""
+    if rollout_hook_listed(job_config):
+        export_adapter_class(model_config.model_type)
 
 
 @register_post_step_hook("rollout")

@@ -150,6 +150,18 @@ class GatedDeltaNetAdapter(ExportAdapter):
     fp32_names = (r"\.A_log$", r"\.dt_bias$")
 
 
+def refuse_unserved(served_as: dict, architecture: str) -> None:
+    """One line for the first setting (name: (this model's value, what vLLM's ``architecture``
+    computes)) the engine would compute differently: it would serve another model."""
+    for key, (value, served) in served_as.items():
+        if value != served:
+            raise ConfigError(
+                f"rollout: model.config has {key}={value!r} but vLLM's {architecture} computes "
+                f"{key}={served!r}, so the engine would serve another model; export is supported for "
+                f"{key}={served!r}"
+            )
+
+
 @register_export_adapter("mamba2")
 class Mamba2Adapter(ExportAdapter):
     """fla's Mamba2 for vLLM's ``Mamba2ForCausalLM`` (vLLM 0.26), which loads these HF names: it
@@ -175,13 +187,7 @@ class Mamba2Adapter(ExportAdapter):
             "hidden_act": (c.hidden_act if c.hidden_act != "swish" else "silu", "silu"),
             "intermediate_size": (getattr(c, "intermediate_size", None) or inner, inner),
         }
-        for key, (value, served) in served_as.items():
-            if value != served:
-                raise ConfigError(
-                    f"rollout: model.config has {key}={value!r} but vLLM's Mamba2ForCausalLM computes "
-                    f"{key}={served!r}, so the engine would serve another model; export is supported for "
-                    f"{key}={served!r}"
-                )
+        refuse_unserved(served_as, "Mamba2ForCausalLM")
         if c.num_heads % engine_tp or (c.n_groups != 1 and c.n_groups % engine_tp):
             raise ConfigError(
                 f"rollout.engine_tp_size={engine_tp}: vLLM's Mamba2 needs it to divide num_heads={c.num_heads} "
@@ -212,13 +218,7 @@ class OlmoHybridAdapter(ExportAdapter):
                          c.hidden_size // c.num_attention_heads),
             "hidden_act": (c.hidden_act, "silu"),
         }
-        for key, (value, served) in served_as.items():
-            if value != served:
-                raise ConfigError(
-                    f"rollout: model.config has {key}={value!r} but vLLM's OlmoHybridForCausalLM computes "
-                    f"{key}={served!r}, so the engine would serve another model; export is supported for "
-                    f"{key}={served!r}"
-                )
+        refuse_unserved(served_as, "OlmoHybridForCausalLM")
         for key in ("num_attention_heads", "linear_num_key_heads", "linear_num_value_heads"):
             if getattr(c, key) % engine_tp:
                 raise ConfigError(f"rollout.engine_tp_size={engine_tp}: vLLM's OLMo-Hybrid needs it to divide "

@@ -11,6 +11,7 @@ the model is refused in one line.
 """
 
 import contextlib
+import re
 import glob
 import json
 import math
@@ -207,3 +208,66 @@ def test_fla_mamba1_ignores_cu_seqlens_so_varlen_is_refused(monkeypatch):
     for family in ("mamba", "samba"):
         with pytest.raises(ConfigError, match=rf"^training\.varlen: fla's {family} layer ignores cu_seqlens.*= false$"):
             check_varlen(load_model_config(f"configs/tiny/{family}.json"))
+
+
+# flame's README training command (tests/test_flame_keys.py: README_COMMAND), through train.py, for
+# every model config: the same flags with the model swapped, no checkpoint (its saving is covered there).
+FLAME_COMMAND_FLAGS = [
+    "--job.config_file", "tests/data/flame_fla.toml", "--model.tokenizer_path", "bytes", "--optimizer.name", "AdamW",
+    "--optimizer.eps", "1e-15", "--optimizer.lr", "1e-3", "--lr_scheduler.warmup_steps", "1",
+    "--lr_scheduler.lr_min", "0.1", "--lr_scheduler.decay_type", "cosine", "--training.batch_size", "1",
+    "--training.seq_len", "64", "--training.context_len", "32", "--training.varlen",
+    "--training.gradient_accumulation_steps", "1", "--training.steps", "2", "--training.max_norm", "1.0",
+    "--training.skip_nan_inf", "--training.dataset", "synthetic", "--training.dataset_name", "sample-100BT",
+    "--training.dataset_split", "train", "--training.num_workers", "0", "--training.prefetch_factor", "2",
+    "--training.seed", "42", "--metrics.log_freq", "1", "--metrics.enable_wandb", "false",
+    "--profiling.enable_profiling", "false", "--training.mixed_precision_param", "float32",
+    "--checkpoint.enable_checkpoint", "false",
+]
+
+
+def command_refusal(name: str) -> str | None:
+    """The one line flame's README command stops with for this config here, or None if it trains."""
+    model_type = name.rsplit("_", 1)[0]
+    if model_type == "sba":
+        return r"model_type 'sba' .* is flame's own model"
+    if model_type in ("transformer", "samba") and fla.layers.attn.flash_attn_func is None:
+        return rf"model_type '{model_type}' runs its softmax attention with flash-attn, which is not installed"
+    if model_type in ("mamba", "mamba2", "samba"):  # the command packs documents (--training.varlen)
+        return rf"training\.varlen: fla's {model_type} layer ignores cu_seqlens"
+    return None
+
+
+@pytest.mark.slow
+def test_flame_readme_command_trains_every_flame_config_or_stops_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    configs, seen = [], set()
+    for name in FLAME_CONFIGS:  # configs that shrink to the same file run once
+        path = shrunk_file(name, tmp_path)
+        content = open(path).read()
+        if content not in seen:
+            seen.add(content)
+            configs.append(path)
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "tests/flame_command_runner.py", str(out), *configs, "--",
+                           *FLAME_COMMAND_FLAGS], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["name"]: r for r in map(json.loads, (ln for ln in proc.stdout.splitlines()
+                                                       if ln.startswith('{"name":')))}
+    assert sorted(results) == sorted(os.path.basename(p)[: -len(".json")] for p in configs)
+    trained = set()
+    for name, result in results.items():
+        refusal = command_refusal(name)
+        if refusal:
+            assert result["rc"] == 2, result
+            assert re.match(rf"^flare: error: .*{refusal}", result["last_stderr"]), result
+            continue
+        assert result["rc"] == 0, result
+        records = [json.loads(line) for line in open(out / name / "metrics.jsonl")]
+        assert [r["step"] for r in records] == [1, 2], name
+        assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records), (name, records)
+        trained.add(name.rsplit("_", 1)[0])
+    assert trained >= {"delta_net", "gated_deltanet", "gla", "gsa", "hgrn2"}, trained

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from recipe.errors import ConfigError
 from recipe.rl.tasks import Prompts, exact_match
 from recipe.rollout.protocol import RL_COUNTER, rl_reply_key, rl_request_key
+from recipe.rollout.trainer.hook import rollout_hook_listed
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ def validate_rl(job_config) -> None:
     rl, rollout = job_config.rl, job_config.rollout
     if not rl.enable:
         return
-    hooks = job_config.hooks.post_step
-    if not rollout.enable or not any(h == "rollout" or h.endswith("RolloutHook") for h in hooks):
+    if not rollout_hook_listed(job_config):
         raise ConfigError("rl.enable needs the weights in the engine every step: set rollout.enable = true and list "
                           "\"rollout\" in hooks.post_step")
     if rollout.interval != 1 or rollout.on_failure != "raise":

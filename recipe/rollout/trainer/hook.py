@@ -62,6 +62,7 @@ def validate_rollout(job_config) -> None:
 
 
 def rollout_hook_listed(job_config) -> bool:
+    """rollout.enable, with the rollout hook in hooks.post_step (by name or class path)."""
     return job_config.rollout.enable and any(h == "rollout" or h.endswith("RolloutHook")
                                              for h in job_config.hooks.post_step)
 

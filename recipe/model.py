@@ -232,6 +232,8 @@ def count_parameters(model: nn.Module) -> int:
 # fla modules whose `_init_weights` writes plain tensors into their parameters (Mamba1: `A_log.copy_`,
 # `dt_proj.bias.data = ...`), which fails on a DTensor (FSDP, TP) or would replace its shard.
 _PLAIN_TENSOR_INIT = ("fla.layers.mamba.Mamba",)
+
+
 def _mamba1_constructor_values(mixer: nn.Module) -> None:
     """A_log (S4D-real: log 1..N for every channel) and D = 1, as fla's Mamba1 constructor sets
     them; fla's samba `_init_weights` leaves both to the constructor, which `to_empty` undoes."""

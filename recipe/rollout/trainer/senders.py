@@ -75,6 +75,12 @@ class Transport:
         """Drop the connection; with ``notify``, tell the receivers training has ended."""
 
 
+def engine_wait_s(cfg) -> float:
+    """How long a connection waits for an engine still starting: rollout.timeout_s where a failed
+    export stops the run (on_failure = "raise"), else nothing (fail at once, retry next interval)."""
+    return cfg.timeout_s if cfg.on_failure == "raise" else 0.0
+
+
 def probe_engine(address: str, port: int, wait_s: float = 0.0) -> None:
     """Fail at once when nothing listens (a TCPStore client would retry until the timeout).
 
@@ -128,7 +134,7 @@ class GroupTransport(Transport):
         if self.ctl is not None:
             return
         cfg = self.cfg
-        probe_engine(cfg.engine_address, cfg.engine_port, cfg.timeout_s if cfg.on_failure == "raise" else 0.0)
+        probe_engine(cfg.engine_address, cfg.engine_port, engine_wait_s(cfg))
         t0 = time.perf_counter()
         try:
             self.store = dist.TCPStore(cfg.engine_address, cfg.engine_port, is_master=False, timeout=self.timeout,

@@ -17,7 +17,7 @@ import torch
 
 from recipe.net import free_port
 from recipe.rollout.protocol import unpack
-from recipe.rollout.trainer.senders import Transport, TransportError, probe_engine
+from recipe.rollout.trainer.senders import Transport, TransportError, engine_wait_s, probe_engine
 from recipe.rollout.trainer.source import Bucket
 
 # vLLM releases whose weight-transfer API (four-phase control plane + static NCCL trainer helpers)
@@ -107,7 +107,7 @@ class VLLMTransport(Transport):
     def __init__(self, cfg, client=None):
         super().__init__(cfg)
         self.client = client or VLLMHttpClient(
-            cfg.engine_address, cfg.engine_port, cfg.timeout_s, cfg.timeout_s if cfg.on_failure == "raise" else 0.0)
+            cfg.engine_address, cfg.engine_port, cfg.timeout_s, engine_wait_s(cfg))
         self.group = None
         self.bucket_bytes = max(int(cfg.bucket_mb * 2**20), 1)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

@@ -18,10 +18,8 @@ to ``--out`` as JSON lines (default ``$OUT/bench_first_step.jsonl`` when OUT is 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -97,21 +95,12 @@ def launch(case: str, caches: str, env: dict, timeout_s: float) -> dict:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
+    """bench_train's header (date, device, versions, command) and the number of GPUs visible."""
     import torch
 
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
+    from scripts.benchmarks.bench_train import environment as bench_environment
 
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
-            "gpus": torch.cuda.device_count(), "torch": torch.__version__, "triton": version("triton"),
-            "fla": version("flash-linear-attention") or version("fla-core"),
-            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])}
+    return {**bench_environment(), "gpus": torch.cuda.device_count()}
 
 
 COLUMNS = ("case", "caches", "first step s (from launch)", "step 2 s", "peak GiB")

@@ -448,7 +448,7 @@ def bench_device():
 # --------------------------------------------------------------------------- reporting
 
 
-def environment(args) -> dict:
+def environment() -> dict:
     import importlib.metadata as md
 
     import torch
@@ -613,7 +613,7 @@ def main(argv=None) -> int:
     args.compile = [{"off": False, "on": True}[c] for c in args.compile.split(",") if c]
     rank = int(os.environ.get("RANK", 0))
     speak = rank == 0
-    env = environment(args)
+    env = environment()
     peak = flops_lib.peak_flops(device)
 
     def say(text=""):

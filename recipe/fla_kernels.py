@@ -80,10 +80,8 @@ def chunk_bwd_dqkwg_torch(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, dv=N
     scale = K ** -0.5 if scale is None else scale
     bounds = [0, *((i + 1) * T for i in range(B))] if cu_seqlens is None else cu_seqlens.tolist()
     # Chunks of every sequence in order: the order of h's chunk axis in both layouts.
-    starts = torch.tensor([s for bos, eos in zip(bounds[:-1], bounds[1:]) for s in range(bos, eos, BT)],
-                          device=k.device)
-    ends = torch.tensor([min(s + BT, eos) for bos, eos in zip(bounds[:-1], bounds[1:]) for s in range(bos, eos, BT)],
-                        device=k.device)
+    spans = [(s, min(s + BT, eos)) for bos, eos in zip(bounds[:-1], bounds[1:]) for s in range(bos, eos, BT)]
+    starts, ends = torch.tensor(spans, device=k.device).unbind(1)
     idx = starts[:, None] + torch.arange(BT, device=k.device)  # [N, BT] token positions
     valid = idx < ends[:, None]
     idx = torch.where(valid, idx, ends[:, None] - 1)  # a real row; masked below

@@ -346,7 +346,6 @@ def write_hf(
 ) -> None:
     """config.json, generation_config.json, safetensors (sharded above max_shard_size), tokenizer."""
     from safetensors.torch import save_file
-    from transformers import GenerationConfig
 
     # HF stores a tied tensor once, under the first module's name; from_pretrained re-ties it.
     weights = {
@@ -375,6 +374,17 @@ def write_hf(
         with open(os.path.join(folder, SAFE_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
+    write_hf_config(spec, folder, dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def write_hf_config(spec: ModelSpec, folder: str, dtype: torch.dtype) -> None:
+    """config.json and generation_config.json as transformers and vLLM read them (they build the
+    model from config.json without importing fla, so fla-only settings are written under
+    transformers' names too, e.g. Mamba2's num_heads and time_step_limit)."""
+    from transformers import GenerationConfig
+
     config = copy.deepcopy(spec.config)
     if type(config).__module__.startswith("fla."):
         for fla_name, name in TRANSFORMERS_NAMES.get(config.model_type, {}).items():
@@ -386,8 +396,6 @@ def write_hf(
     config.save_pretrained(folder)
     _add_legacy_torch_dtype(os.path.join(folder, "config.json"), dtype)
     GenerationConfig.from_model_config(config).save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
 
 
 def _add_legacy_torch_dtype(config_file: str, dtype: torch.dtype) -> None:

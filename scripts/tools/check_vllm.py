@@ -443,31 +443,29 @@ def quantiles(xs: list[float]) -> list[float]:
 # ---------------------------------------------------------------- main
 
 
-def hf_dir_for(config_path: str, work: str) -> tuple[str, dict]:
-    """A folder vLLM can start from: the model config with its HF architecture; no weights."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
+def hf_dir_for(config_path: str, work: str) -> str:
+    """A folder vLLM can start from: config.json as flare's HF export writes it (fla-only settings
+    under transformers' names too, e.g. Mamba2's num_heads), for the byte tokenizer's vocabulary
+    and token ids; no weights."""
     with open(config_path) as f:
         config = json.load(f)
-    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
-    if arch is None:
-        raise SystemExit(f"check_vllm: {config_path}: model_type {config.get('model_type')!r} has no transformers "
-                         "causal LM; the check compares against transformers")
-    heads = config.get("num_attention_heads") or 1
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
-    if head_dim < 32:
+    heads = config.get("num_attention_heads")  # none: no softmax attention (Mamba2's head_dim is its SSM's)
+    head_dim = heads and (config.get("head_dim") or config.get("hidden_size", 0) // heads)
+    if heads and head_dim < 32:
         raise SystemExit(f"check_vllm: {config_path}: head size {head_dim} < 32, which vLLM's Triton attention "
                          "cannot serve; use a config with head_dim >= 32 (e.g. configs/llama_360M.json)")
-    if config.get("vocab_size", 0) < BOS + 3:
-        raise SystemExit(f"check_vllm: {config_path}: vocab_size {config.get('vocab_size')} < {BOS + 3}; the "
-                         "check trains with flare's byte tokenizer")
-    config.update(architectures=[arch], torch_dtype="bfloat16", bos_token_id=BOS, eos_token_id=BOS + 1,
-                  pad_token_id=BOS + 2)
+    import torch
+
+    from recipe import hf_io
+
+    try:
+        spec = hf_io.model_spec(hf_io.load_config(config_path, "--model_config", hf_io.load_tokenizer("bytes")))
+    except hf_io.ConversionError as e:
+        raise SystemExit(f"check_vllm: {e}") from None
     path = os.path.join(work, "engine_model")
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    return path, config
+    hf_io.write_hf_config(spec, path, torch.bfloat16)
+    return path
 
 
 def print_table(report: dict) -> None:
@@ -536,7 +534,7 @@ def main() -> int:
     if "nccl" in args.transports.split(",") and args.trainer_devices is None:
         raise SystemExit("check_vllm: --transports nccl puts the trainer on another GPU than the engine: pass "
                          "--trainer_devices (and CUDA_VISIBLE_DEVICES for the engine)")
-    hf_dir, config = hf_dir_for(os.path.join(ROOT, args.model_config), args.work)
+    hf_dir = hf_dir_for(os.path.join(ROOT, args.model_config), args.work)
 
     import torch
     import vllm

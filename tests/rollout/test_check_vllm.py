@@ -94,3 +94,24 @@ def test_check_vllm_nccl_needs_the_trainer_on_another_gpu():
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
         "check_vllm: --transports nccl puts the trainer on another GPU than the engine: pass --trainer_devices "
         "(and CUDA_VISIBLE_DEVICES for the engine)"]
+
+
+def test_the_engine_folder_is_configured_as_the_hf_export_so_transformers_builds_the_trainers_shapes(tmp_path):
+    """vLLM builds the engine from config.json with transformers' config class; fla's Mamba2 config
+    leaves num_heads to be derived (transformers' default is 128), so the raw JSON would give vLLM
+    other shapes than the trainer's."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from recipe import hf_io
+    from scripts.tools.check_vllm import hf_dir_for
+
+    folder = hf_dir_for(f"{ROOT}/configs/tiny/mamba2.json", str(tmp_path))
+    written = json.load(open(f"{folder}/config.json"))
+    assert written["architectures"] == ["Mamba2ForCausalLM"]
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (256, 257, 258)
+    config = Mamba2Config.from_pretrained(folder)
+    trainer = hf_io.model_spec(hf_io.load_config(f"{ROOT}/configs/tiny/mamba2.json", "x", hf_io.load_tokenizer("bytes")))
+    with torch.device("meta"):
+        engine_shapes = {k: v.shape for k, v in Mamba2ForCausalLM(config).state_dict().items()}
+    assert engine_shapes == {k: v for k, v in trainer.shapes.items() if k in engine_shapes}
+    assert set(trainer.shapes) - set(engine_shapes) <= set(trainer.tied)

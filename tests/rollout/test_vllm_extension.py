@@ -126,3 +126,37 @@ def test_a_colocated_engine_over_nccl_is_refused_before_training(transport):
     with pytest.raises(ConfigError, match=f"colocated with transport={transport}: NCCL cannot join"):
         validate_rollout(job)
 
+
+
+def test_loaders_that_take_the_shard_only_as_an_argument_get_it_from_the_weight():
+    """vLLM 0.26.0's AutoWeightsLoader calls weight_loader(param, weight), the shard of a stacked
+    weight on the tensor; OLMo-Hybrid's fused conv1d loader (written as below) took it only as an
+    argument. After the extension connects, such loaders read it from the weight; a loader given
+    the shard explicitly is called as it was."""
+    from recipe.rollout.engine.vllm_extension import pass_stacked_shard_ids
+
+    dims = [2, 2, 4]
+
+    def fused_conv_loader(param, loaded_weight, loaded_shard_id=None):  # vLLM 0.26.0's shape of it
+        offset = sum(dims[:loaded_shard_id])
+        param.data[offset:offset + dims[loaded_shard_id]].copy_(loaded_weight)
+
+    model = torch.nn.Module()
+    model.conv = torch.nn.Parameter(torch.zeros(8, 3))
+    model.conv.weight_loader = fused_conv_loader
+    model.plain = torch.nn.Parameter(torch.zeros(3))
+    model.plain.weight_loader = lambda param, w: param.data.copy_(w)
+
+    def auto_weights_loader(shard, value):
+        weight = torch.full((dims[shard], 3), float(value))
+        weight.shard_id = shard  # what vLLM's WeightsMapper.apply attaches
+        model.conv.weight_loader(model.conv, weight)
+
+    with pytest.raises(TypeError):
+        auto_weights_loader(1, 5.0)
+    assert pass_stacked_shard_ids(model) == 1 and pass_stacked_shard_ids(model) == 0  # once
+    for shard, value in enumerate((1.0, 2.0, 3.0)):
+        auto_weights_loader(shard, value)
+    assert model.conv.tolist() == [[1.0] * 3] * 2 + [[2.0] * 3] * 2 + [[3.0] * 3] * 4
+    model.conv.weight_loader(model.conv, torch.full((2, 3), 7.0), 0)  # explicit shard: as before
+    assert model.conv[:2].eq(7.0).all() and model.conv[2:4].eq(2.0).all()

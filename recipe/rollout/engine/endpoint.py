@@ -451,6 +451,10 @@ class ReceiverEndpoint:
                 torch.cuda.current_stream().synchronize()  # copies done before the producer reuses it
             except Exception as e:  # noqa: BLE001
                 error = e
+                # The refused ack makes the trainer abort the version: this line is the only
+                # record of why, and the traceback points into the engine's loader.
+                logger.error(f"rollout receiver rank {self.rank}: load_weights failed: {type(e).__name__}: {e}",
+                             exc_info=True)
         agree(self.ctl, error is None)  # the ack that lets the producer refill this buffer
         stats["load"] += time.perf_counter() - t1
         return error

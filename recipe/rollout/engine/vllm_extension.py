@@ -28,6 +28,7 @@ released memory and waking would restore the old weights, so ``flare_receive`` r
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 from recipe.rollout.engine.endpoint import ReceiverEndpoint, TrainerClosed
@@ -66,6 +67,41 @@ def _weights_asleep() -> bool:
                for d in getattr(allocator, "pointer_to_data", {}).values())
 
 
+def pass_stacked_shard_ids(model) -> int:
+    """Make loaders that take the shard of a stacked checkpoint weight only as an argument read
+    it from the weight too; returns how many were wrapped.
+
+    vLLM's ``AutoWeightsLoader`` calls ``param.weight_loader(param, weight)`` with two arguments and
+    leaves the shard of a weight stacked into a fused parameter on the tensor (``weight.shard_id``,
+    set by the model's ``WeightsMapper``). vLLM 0.26.0's OLMo-Hybrid conv1d loader (q/k/v_conv1d
+    into one ``conv1d``) reads it only from its third argument, so every load of those weights
+    fails ("list indices must be integers or slices, not NoneType"; fixed upstream by vLLM pull
+    request 55858). Loaders called with the shard (vLLM's merged linears) behave as before."""
+    wrapped = 0
+    for param in model.parameters() if hasattr(model, "parameters") else ():
+        loader = getattr(param, "weight_loader", None)
+        if loader is None or getattr(loader, "flare_passes_shard_id", False):
+            continue
+        try:
+            if "loaded_shard_id" not in inspect.signature(loader).parameters:
+                continue
+        except (TypeError, ValueError):  # a builtin without a signature
+            continue
+
+        def with_shard_id(p, weight, *args, _loader=loader, **kwargs):
+            if not args and "loaded_shard_id" not in kwargs and getattr(weight, "shard_id", None) is not None:
+                args = (weight.shard_id,)
+            return _loader(p, weight, *args, **kwargs)
+
+        with_shard_id.flare_passes_shard_id = True
+        try:
+            param.weight_loader = with_shard_id
+        except AttributeError:  # vLLM's parameter classes hold it as a read-only property
+            continue
+        wrapped += 1
+    return wrapped
+
+
 class FlareWorkerExtension:
     """Methods vLLM mixes into its GPU worker (names start with ``flare_``: vLLM refuses an
     extension attribute that clashes with the worker's own). Return values are plain dicts and
@@ -95,6 +131,8 @@ class FlareWorkerExtension:
                                        timeout_s=float(timeout_s), device=device)
         logger.info(f"flare: worker {worker_rank} of {n_workers} listening for the trainer on {address}:{port} "
                     f"({backend})")
+        if wrapped := pass_stacked_shard_ids(self.model_runner.model):  # type: ignore[attr-defined]
+            logger.info(f"flare: {wrapped} weight loader(s) now read a stacked weight's shard from the weight")
         return worker_rank
 
     def flare_receive(self, wait_s: float | None = None) -> dict:

@@ -158,7 +158,9 @@ class Reference:
     def log_probs(self, ids):
         import torch
 
-        with torch.no_grad():
+        # autocast: fla models keep the residual stream in fp32 (residual_in_fp32) and feed it to
+        # bf16 weights; the trainer's mixed precision casts it, a bare bf16 model would not
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             return self.model(input_ids=ids).logits.float().log_softmax(-1)
 
     def greedy(self, prompts, n: int):
@@ -178,8 +180,6 @@ class Reference:
 def compare_version(llm, ref: Reference, snapshot_path: str, args) -> dict:
     import torch
     from safetensors.torch import load_file
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     sent = load_file(snapshot_path, device="cuda")
     engine = llm.collective_rpc(engine_weights)[0]
@@ -212,7 +212,20 @@ def compare_version(llm, ref: Reference, snapshot_path: str, args) -> dict:
                                       for n in differ if pairs[n][0].shape == pairs[n][1].shape), default=None)
     ref.load(sent)
     del sent, engine
+    result.update(generate_and_score(llm, ref, args))
+    result["ok"] = (not missing and not differ and result["greedy_ok"]
+                    and result["logprob_gap_max"] <= args.max_gap and result["logprob_gap_mean"] <= args.mean_gap)
+    return result
 
+
+def generate_and_score(llm, ref: Reference, args) -> dict:
+    """Greedy tokens of the engine against the reference's, and the log-probability gap of the
+    engine's samples (temperature 1) under the reference."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    result = {}
     prompts = prompt_ids()
     greedy = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
@@ -245,8 +258,6 @@ def compare_version(llm, ref: Reference, snapshot_path: str, args) -> dict:
     result["logprob_gap_max"] = float(gap.max())
     result["logprob_gap_mean"] = float(gap.mean())
     result["logprob_tokens"] = gap.numel()
-    result["ok"] = (not missing and not differ and result["greedy_ok"]
-                    and result["logprob_gap_max"] <= args.max_gap and result["logprob_gap_mean"] <= args.mean_gap)
     return result
 
 
@@ -552,6 +563,12 @@ def main() -> int:
               "args": {k: v for k, v in vars(args).items()}, "runs": [], "timing": []}
     ref = Reference(hf_dir)
     report["n_params"] = sum(p.numel() for p in ref.model.parameters())
+    # Compile the engine's and the reference's kernels for the comparison's shapes now (on the
+    # dummy weights): compiled during the first comparison (OLMo-Hybrid's GatedDeltaNet kernels in
+    # vLLM: ~80 s on an H200), they held the engine past the trainer's rollout.timeout_s.
+    t0 = time.time()
+    generate_and_score(llm, ref, args)
+    report["warmup_s"] = round(time.time() - t0, 1)
     for transport in [t for t in args.transports.split(",") if t]:
         report["runs"].append(run_transport(llm, ref, args, transport, args.work))
     if args.timing_steps:

@@ -120,12 +120,13 @@ class ActivationCheckpoint:
 
 @dataclass
 class Parallelism:
-    single_device_fsdp: bool = True
-    """On one device with training.mixed_precision_param below float32: wrap the model in FSDP2 over a
-    one-rank mesh, so its mixed-precision policy computes with bf16 parameters cast once per step
-    (fp32 master weights, fp32 gradients). false: fp32 parameters under autocast, which recasts
-    weights in every forward (GLA-340M bare loop on one H200: 141k vs 157k tokens/s, 42 vs 32 GiB;
-    docs/benchmarks.md)."""
+    single_device_fsdp: bool = False
+    """On one device with training.mixed_precision_param below float32. false: fp32 parameters under
+    bf16 autocast (flame's precision). true: FSDP2 over a one-rank mesh, whose mixed-precision policy
+    computes with bf16 parameters cast once per step (fp32 master weights and gradients): ~10 GiB
+    less for GLA-340M at 8 x 4096 (33 vs 43 GiB), but its per-step host work leaves the GPU idle on
+    hosts with slower CPUs: on one H200 on 2026-12-02 it ran 6% slower than autocast with a 3x
+    wider spread, on 2026-11-21 (a faster host) 12% faster (docs/benchmarks.md)."""
 
 
 @dataclass

@@ -181,13 +181,14 @@ def lm_head_dtypes(trainer):
     return seen
 
 
-def test_single_device_mixed_precision_uses_fsdp(tmp_path):
-    # One device, bf16: FSDP2 over a one-rank mesh computes with bf16 weights cast once per step
-    # and keeps fp32 masters (faster and lighter than autocast, which recasts in every forward).
+def test_single_device_fsdp_computes_in_bf16_with_fp32_masters(tmp_path):
+    # One device, bf16, parallelism.single_device_fsdp: FSDP2 over a one-rank mesh computes with
+    # bf16 weights cast once per step and keeps fp32 masters (lighter than autocast).
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16")
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
+                           "--parallelism.single_device_fsdp")
     assert isinstance(trainer.model, FSDPModule)
     assert lm_head_dtypes(trainer) == [(torch.bfloat16, torch.bfloat16)]
     params = list(trainer.model.parameters())
@@ -196,10 +197,9 @@ def test_single_device_mixed_precision_uses_fsdp(tmp_path):
 
 
 def test_mixed_precision_without_fsdp_uses_autocast(tmp_path):
-    # flame #29: single-device/DDP runs silently trained in fp32. Without FSDP the forward runs
-    # under autocast: fp32 weights, bf16 matmuls.
-    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
-                           "--parallelism.no_single_device_fsdp")
+    # flame #29: single-device/DDP runs silently trained in fp32. Without FSDP (one device's
+    # default) the forward runs under autocast: fp32 weights, bf16 matmuls.
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16")
     assert lm_head_dtypes(trainer) == [(torch.float32, torch.bfloat16)]
     trainer.close()
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -208,7 +208,7 @@ def test_mixed_precision_without_fsdp_uses_autocast(tmp_path):
 def test_nan_skip_on_device_with_fsdp(tmp_path):
     # The fused optimizer's found_inf flag on DTensor parameters (single-device FSDP).
     trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
-                           "--optimizer.implementation", "fused")
+                           "--optimizer.implementation", "fused", "--parallelism.single_device_fsdp")
     assert trainer.skip_on_device
     poison_loss(trainer, {2})
     batches = micro_batches(trainer, 3)

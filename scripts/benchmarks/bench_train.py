@@ -7,17 +7,19 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   next to the JSON when there is one: its FSDP reshard policy, dataloader workers, pinned memory)
   with offline overrides (synthetic corpus, byte tokenizer, no checkpoints, metrics every
   ``--log-freq`` steps) and driven through its own ``train()`` loop, untouched. Throughput is the
-  median ``tps`` of its logged windows after the warm-up steps; on one GPU the trainer uses
-  single-device FSDP (bf16 compute, fp32 masters), under torchrun FSDP over all ranks (``--tp 2``
-  adds tensor parallelism).
+  median ``tps`` of its logged windows after the warm-up steps; on one GPU the trainer runs fp32
+  parameters under bf16 autocast (``--trainer-args "--parallelism.single_device_fsdp"``: FSDP over a
+  one-rank mesh), under torchrun FSDP over all ranks (``--tp 2`` adds tensor parallelism).
 * ``bare`` / ``bare-bf16`` / ``bare-fsdp``: the ceiling: ``AutoModelForCausalLM.from_config`` on the
   device, the same synthetic batches (pinned), fused AdamW, grad clipping, per-block
   ``torch.compile`` when compile is on (``parallelisms.compile.apply_compile``, as the trainer
   does), nothing else; the timed steps run back to back with one sync per window of ``--log-freq``
   steps (the trainer's logging cadence). ``bare`` keeps fp32 parameters under bf16 autocast,
   ``bare-flame`` is ``bare`` with fla's own kernel launches (the loop flame runs: the reference a
-  flame user compares with), ``bare-bf16`` holds bf16 parameters and optimizer state, ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16
-  compute, fp32 masters: the trainer's numerics). Under torchrun every rank runs them alone,
+  flame user compares with), ``bare-bf16`` holds bf16 parameters and optimizer state,
+  ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16 compute, fp32 masters: the
+  trainer's numerics under FSDP and with ``parallelism.single_device_fsdp``; ``bare`` is the one-GPU
+  default's). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
 * ``bare-fsdp-dp`` (on request, under torchrun): the same loop with FSDP2 over all ranks (real
   all-gathers and reduce-scatters, FSDP's defaults): the ceiling of a data-parallel job. Between

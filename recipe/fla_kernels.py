@@ -7,8 +7,8 @@ fused residual, about a third of HBM bandwidth. With four programs per SM it tak
 the same bit for bit (dw sums more partial rows) and a GLA-340M training step 2% faster.
 
 fla 0.6 refuses its gated ``chunk_bwd_dqkwg`` Triton kernel on Hopper with Triton >= 3.4, < 3.7.1
-(miscompiled there), so GatedDeltaNet and OLMo-Hybrid could not train on such a machine without
-tilelang and nvcc. There flare routes that one backward function to a PyTorch version of the same
+(miscompiled there), so GatedDeltaNet, OLMo-Hybrid and Mamba2's scan (``chunk_simple_gla``,
+recipe/mamba2_ssd.py) could not train on such a machine without tilelang and nvcc. There flare routes that one backward function to a PyTorch version of the same
 computation through fla's backend registry (``use_torch_gated_backward``); everywhere else fla's
 kernel runs untouched.
 """

@@ -188,8 +188,8 @@ def ssd_flops(heads: int, head_dim: int, groups: int, state: int, chunk: int) ->
 def mamba2_mixer_flops(config, seq_len: int) -> float:
     """Mamba2: ssd_flops with H = num_heads, P = head_dim, G = n_groups, N = state_size, chunk C =
     chunk_size (256 in flame's configs, not fla's 64), + 2·K·(H·P + 2·G·N) for the depthwise conv
-    over x, B and C. fla 0.6's torch path (used without mamba_ssm) repeats B/C for every head and
-    contracts with broadcast products: it executes more than this, not counted."""
+    over x, B and C. Without mamba_ssm flare's scan (recipe/mamba2_ssd.py) repeats B/C for every
+    head and works in fla's 64-token chunks: it executes another count, not this one."""
     h, p, g, n = config.num_heads, config.head_dim, config.n_groups, config.state_size
     return ssd_flops(h, p, g, n, config.chunk_size) + short_conv_flops(h * p + 2 * g * n, config.conv_kernel)
 

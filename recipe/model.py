@@ -203,7 +203,12 @@ def build_model(config, **kwargs) -> nn.Module:
     cls = flare_model_class(config.model_type)
     if cls is not None:
         return cls._from_config(config, **kwargs)
-    return AutoModelForCausalLM.from_config(config, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if config.model_type == "mamba2" and uses_fla(config):
+        from recipe.mamba2_ssd import use_chunked_ssd
+
+        use_chunked_ssd(model)  # fla's Triton scan instead of its naive one where mamba_ssm is missing
+    return model
 
 
 def build_model_on_meta(config) -> nn.Module:

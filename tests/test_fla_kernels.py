@@ -89,11 +89,23 @@ def test_torch_gated_backward_matches_flas_triton_kernel(case):
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_gated_delta_rule_trains_the_same_through_the_torch_backward():
-    """chunk_gated_delta_rule's gradients, fla's kernels vs the PyTorch route through fla's backend
-    registry (what runs on Hopper with Triton < 3.7.1)."""
-    import fla.backends
+def _gated_delta_rule(q, k, v, g, beta):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule(q, k, v, g=g, beta=beta)[0]
+
+
+def _simple_gla(q, k, v, g, beta):  # Mamba2's scan (recipe/mamba2_ssd.py): k unnormalized, scale 1
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return chunk_simple_gla(q, k * beta[..., None], v, g=g, scale=1.0)[0]
+
+
+@pytest.mark.parametrize("op", [_gated_delta_rule, _simple_gla], ids=["gated_delta_rule", "simple_gla"])
+def test_gated_ops_train_the_same_through_the_torch_backward(op):
+    """Gradients of fla's gated chunk ops (GatedDeltaNet/OLMo-Hybrid; Mamba2's scan), fla's kernels vs
+    the PyTorch route through fla's backend registry (what runs on Hopper with Triton < 3.7.1)."""
+    import fla.backends
 
     from recipe import fla_kernels
 
@@ -105,7 +117,7 @@ def test_gated_delta_rule_trains_the_same_through_the_torch_backward():
 
     def grads():
         leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
-        o, _ = chunk_gated_delta_rule(*leaves[:3], g=leaves[3], beta=leaves[4])
+        o = op(*leaves)
         (o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum().backward()
         return [x.grad for x in leaves]
 

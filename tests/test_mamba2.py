@@ -105,3 +105,40 @@ def test_varlen_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^training\.varlen: fla's mamba2 layer ignores cu_seqlens.*= false$"):
         check_varlen(tiny())
     check_varlen(load_model_config("configs/tiny/gla.json"))
+
+
+@pytest.mark.parametrize("seq_len", [64, 100])  # whole chunks of fla's kernels, and a partial last one
+def test_the_chunked_scan_equals_fla_naive_path_in_loss_and_gradients(seq_len):
+    """recipe.mamba2_ssd runs the training scan on fla's chunk_simple_gla (Triton, here through its
+    interpreter) instead of fla's naive PyTorch SSD; the model built by flare uses it."""
+    import copy
+
+    from recipe.mamba2_ssd import chunked_torch_forward
+    from recipe.model import build_model
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = build_model(cfg, dtype=torch.float32)
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    assert all(m.torch_forward.__func__ is chunked_torch_forward for m in mixers)
+    with torch.no_grad():  # a scan that matters: large dt, decays far from 1, a D skip
+        for m in mixers:
+            m.dt_bias.fill_(0.5)
+            m.A_log.uniform_(-1.0, 1.5)
+            m.D.normal_()
+            m.in_proj.weight.normal_(0, 0.2)
+    naive = copy.deepcopy(model)
+    for m in naive.modules():
+        if hasattr(m, "A_log"):
+            del m.torch_forward  # the class's own: fla's naive SSD
+    assert all(m.torch_forward.__func__ is chunked_torch_forward for m in copy.deepcopy(model).modules()
+               if hasattr(m, "A_log"))
+    ids = torch.randint(0, cfg.vocab_size, (2, seq_len))
+    losses = []
+    for m in (model, naive):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-5), losses
+    for (name, p), q in zip(model.named_parameters(), naive.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), (name, (p.grad - q.grad).abs().max())

@@ -16,8 +16,9 @@ each rank sums the squares of its channels and an all-reduce gives every rank th
 (one number per token) before it scales its own channels. ``out_proj`` is row-parallel and
 reduce-scatters over the sequence.
 
-The forward is fla's own torch path (its naive chunked SSD) on the local slices, with the counts
-it reshapes by (``num_heads``, ``intermediate_size``, ``conv_dim``, ``conv1d.groups``) per rank.
+The forward is fla's own torch path (its scan on fla's ``chunk_simple_gla``: recipe/mamba2_ssd.py)
+on the local slices, with the counts it reshapes by (``num_heads``, ``intermediate_size``,
+``conv_dim``, ``conv1d.groups``) per rank.
 With ``mamba_ssm`` installed on a GPU, fla trains with ``mamba_split_conv1d_scan_combined``, a
 kernel that reads ``out_proj``'s weight and normalizes over all of d_inner itself; sharded
 mixers take fla's torch path instead.

@@ -398,6 +398,7 @@ def run_transport(llm, ref, args, transport: str, work: str) -> dict:
         sleep.wake()
         llm.collective_rpc("flare_close")
     res["trainer_log_tail"] = tail(log_path) if res.get("trainer_exit") != 0 else ""
+    res["exports"] = export_times(log_path)  # the trainer's own timing of each export, as logged
     expected = list(range(args.interval, args.steps + 1, args.interval))
     res["expected_versions"] = expected
     res["applied_versions"] = [v["version"] for v in res["versions"]]
@@ -481,10 +482,11 @@ def hf_dir_for(config_path: str, work: str) -> str:
 
 def print_table(report: dict) -> None:
     print(f"\nvLLM {report['vllm']} | torch {report['torch']} | {report['gpu']} | {report['model_config']} "
-          f"({report['n_params'] / 1e6:.0f}M params)")
-    print("| transport | versions | weights bit-exact | greedy equal | logprob gap max / mean | "
+          f"({report['n_params'] / 1e6:.0f}M params) | engine start {report['engine_start_s']} s, kernel warm-up "
+          f"{report.get('warmup_s', float('nan'))} s")
+    print("| transport | versions | weights bit-exact | greedy equal | logprob gap max / mean | export MiB, ms median | "
           "engine mem drift MiB | loop ended | ok |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:
         vs = r["versions"]
         exact = sum(v.get("tensors_sent", 0) - v.get("n_not_bit_exact", 0) for v in vs)
@@ -493,8 +495,10 @@ def print_table(report: dict) -> None:
         gmax = max((v.get("logprob_gap_max", float("nan")) for v in vs), default=float("nan"))
         gmean = statistics.mean(v.get("logprob_gap_mean", float("nan")) for v in vs) if vs else float("nan")
         drift = r.get("engine_memory_mib", {}).get("drift", float("nan"))
+        exports = r.get("exports") or [{"mib": float("nan"), "seconds": float("nan")}]
+        export = f"{exports[0]['mib']:.0f}, {1e3 * statistics.median(e['seconds'] for e in exports):.0f}"
         print(f"| {r['transport']} | {len(r['applied_versions'])}/{len(r['expected_versions'])} | {exact}/{total} | "
-              f"{greedy}/{len(PROMPTS) * len(vs)} | {gmax:.3f} / {gmean:.4f} | {drift:.1f} | "
+              f"{greedy}/{len(PROMPTS) * len(vs)} | {gmax:.3f} / {gmean:.4f} | {export} | {drift:.1f} | "
               f"{r.get('ended_by_itself')} | {r['ok']} |")
     for t in report.get("timing", []):
         if t["ok"]:

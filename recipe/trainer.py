@@ -52,6 +52,7 @@ from recipe.model import (
     load_hf_weights,
     load_model_config,
     reconcile_with_tokenizer,
+    uses_fla,
 )
 from recipe.net import free_port
 from recipe.rl.loss import grpo_loss, token_logprobs
@@ -90,6 +91,7 @@ class Trainer(Stateful):
         self.model_config = load_model_config(jc.model.config)
         reconcile_with_tokenizer(self.model_config, self.tokenizer)
         check_model_against_job(self.model_config, jc)
+        self._fla_in_float32_on_cpu()
 
         self.parallel_dims = pd = self._init_distributed()
         self.device = self._init_device()
@@ -165,6 +167,19 @@ class Trainer(Stateful):
         )
 
     # ------------------------------------------------------------------ setup
+
+    def _fla_in_float32_on_cpu(self) -> None:
+        """On CPU fla's Triton kernels run in Triton's interpreter, which computes bfloat16 inputs
+        wrongly (fla 0.6's chunk_gla and chunk_simple_gla forward off by ~1e10 against float32,
+        Triton 3.x interpreter): a model on fla's kernels (fla's own, and transformers' OLMo-Hybrid,
+        whose delta rule calls fla's when installed) trains in float32 there, with one warning."""
+        jc = self.job_config
+        on_fla = uses_fla(self.model_config) or self.model_config.model_type == "olmo_hybrid"
+        if self.device_type != "cpu" or jc.training.mixed_precision_param == "float32" or not on_fla:
+            return
+        logger.warning(f"training.mixed_precision_param={jc.training.mixed_precision_param}: fla's kernels run in "
+                       "Triton's interpreter on CPU, which computes bfloat16 wrongly; this CPU run trains in float32")
+        jc.training.mixed_precision_param = "float32"
 
     def _init_distributed(self) -> ParallelDims:
         jc = self.job_config

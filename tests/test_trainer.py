@@ -329,3 +329,27 @@ def test_unknown_converter_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown converter 'float8'; did you mean 'quantize.linear.float8'"):
         make_trainer(tmp_path, "--model.converters", "float8")
+
+
+def test_an_fla_model_on_cpu_trains_in_float32_whatever_the_precision_asked(tmp_path, caplog):
+    """Triton's interpreter (fla's kernels on CPU) computes bfloat16 wrongly: GLA's chunk forward is
+    off by ~1e10 against float32. An HF model (no Triton) keeps the precision asked."""
+    import logging
+
+    from fla.ops.gla import chunk_gla
+
+    q, k, v = (torch.randn(1, 64, 2, 16) for _ in range(3))
+    g = -torch.rand(1, 64, 2, 16)
+    wrong = (chunk_gla(q.bfloat16(), k.bfloat16(), v.bfloat16(), g=g)[0].float() - chunk_gla(q, k, v, g=g)[0]).abs()
+    assert wrong.max() > 1.0  # the interpreter's error this guards against, still there
+
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(tmp_path / "gla", "--model.config", "configs/tiny/gla.json",
+                               "--training.mixed_precision_param", "bfloat16")
+    assert trainer.job_config.training.mixed_precision_param == "float32"
+    assert lm_head_dtypes(trainer) == [(torch.float32, torch.float32)]
+    assert "trains in float32" in caplog.text
+    trainer.close()
+    trainer = make_trainer(tmp_path / "llama", "--training.mixed_precision_param", "bfloat16")
+    assert trainer.job_config.training.mixed_precision_param == "bfloat16"
+    trainer.close()

@@ -8,9 +8,9 @@ the same bit for bit (dw sums more partial rows) and a GLA-340M training step 2%
 
 fla 0.6 refuses its gated ``chunk_bwd_dqkwg`` Triton kernel on Hopper with Triton >= 3.4, < 3.7.1
 (miscompiled there), so GatedDeltaNet, OLMo-Hybrid and Mamba2's scan (``chunk_simple_gla``,
-recipe/mamba2_ssd.py) could not train on such a machine without tilelang and nvcc. There flare routes that one backward function to a PyTorch version of the same
-computation through fla's backend registry (``use_torch_gated_backward``); everywhere else fla's
-kernel runs untouched.
+recipe/mamba2_ssd.py) could not train on such a machine without tilelang and nvcc. There flare
+routes that one backward function to a PyTorch version of the same computation through fla's
+backend registry (``use_torch_gated_backward``); everywhere else fla's kernel runs untouched.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def chunk_bwd_dqkwg_torch(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, dv=N
     decayed by ``exp2`` of the cumulative gates, dw (delta rule), and dg with the chunk's last row
     carrying the state terms. Accumulates in fp32 and returns the kernel's dtypes and shapes."""
     B, T, H, K = k.shape
-    HV, V = v.shape[2], v.shape[-1]
+    HV = v.shape[2]
     BT = chunk_size
     scale = K ** -0.5 if scale is None else scale
     bounds = [0, *((i + 1) * T for i in range(B))] if cu_seqlens is None else cu_seqlens.tolist()

@@ -484,8 +484,8 @@ def print_table(report: dict) -> None:
     print(f"\nvLLM {report['vllm']} | torch {report['torch']} | {report['gpu']} | {report['model_config']} "
           f"({report['n_params'] / 1e6:.0f}M params) | engine start {report['engine_start_s']} s, kernel warm-up "
           f"{report.get('warmup_s', float('nan'))} s")
-    print("| transport | versions | weights bit-exact | greedy equal | logprob gap max / mean | export MiB, ms median | "
-          "engine mem drift MiB | loop ended | ok |")
+    print("| transport | versions | weights bit-exact | greedy equal | logprob gap max / mean | "
+          "export MiB, ms median | engine mem drift MiB | loop ended | ok |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:
         vs = r["versions"]

@@ -110,7 +110,8 @@ def test_the_engine_folder_is_configured_as_the_hf_export_so_transformers_builds
     assert written["architectures"] == ["Mamba2ForCausalLM"]
     assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (256, 257, 258)
     config = Mamba2Config.from_pretrained(folder)
-    trainer = hf_io.model_spec(hf_io.load_config(f"{ROOT}/configs/tiny/mamba2.json", "x", hf_io.load_tokenizer("bytes")))
+    trainer = hf_io.model_spec(hf_io.load_config(f"{ROOT}/configs/tiny/mamba2.json", "x",
+                                                 hf_io.load_tokenizer("bytes")))
     with torch.device("meta"):
         engine_shapes = {k: v.shape for k, v in Mamba2ForCausalLM(config).state_dict().items()}
     assert engine_shapes == {k: v for k, v in trainer.shapes.items() if k in engine_shapes}

@@ -264,7 +264,8 @@ def generate_and_score(llm, ref: Reference, args) -> dict:
 # ---------------------------------------------------------------- trainer
 
 
-def trainer_command(args, transport: str, port: int, steps: int, interval: int, dump: str, snapshot: bool) -> list:
+def trainer_command(args, transport: str, port: int, steps: int, interval: int, dump: str, snapshot: bool,
+                    timeout_s: float) -> list:
     hooks = "rollout,recipe.rollout.trainer.snapshot:ExportSnapshot" if snapshot else "rollout"
     return [sys.executable, "train.py", "--model.config", args.model_config, "--model.tokenizer", "bytes",
             "--training.dataset", "synthetic", "--training.steps", str(steps),
@@ -273,7 +274,8 @@ def trainer_command(args, transport: str, port: int, steps: int, interval: int, 
             "--hooks.post_step", hooks, "--rollout.enable", "--rollout.transport", transport,
             "--rollout.placement", "disaggregated" if transport == "nccl" else "colocated",
             "--rollout.interval", str(interval),
-            "--rollout.engine_port", str(port), "--rollout.timeout_s", str(args.timeout_s),
+            "--rollout.engine_port", str(port), "--rollout.timeout_s", str(timeout_s),
+            "--comm.train_timeout_seconds", str(int(timeout_s) + 60),  # must exceed rollout.timeout_s
             "--rollout.on_failure", "raise", *args.trainer_args]
 
 
@@ -335,9 +337,23 @@ class Sleep:
             self.asleep -= set(tags)
 
 
-def run_transport(llm, ref, args, transport: str, work: str) -> dict:
-    res: dict = {"transport": transport, "steps": args.steps, "interval": args.interval, "versions": []}
+def launch_trainer(args, transport: str, work: str, timeout_s: float) -> dict:
+    """Start train.py for one transport on a port of its own (the engine listens there later)."""
     port = free_port()
+    dump = os.path.join(work, f"train_{transport}")
+    snapshots = os.path.join(work, f"snapshots_{transport}")
+    os.makedirs(snapshots, exist_ok=True)
+    log_path = os.path.join(work, f"trainer_{transport}.log")
+    cmd = trainer_command(args, transport, port, args.steps, args.interval, dump, True, timeout_s)
+    trainer, log = start_trainer(args, cmd, log_path, snapshots)
+    return {"transport": transport, "port": port, "trainer": trainer, "log": log, "log_path": log_path,
+            "snapshots": snapshots, "t_start": time.time()}
+
+
+def run_transport(llm, ref, args, launched: dict) -> dict:
+    transport, port, trainer, log = launched["transport"], launched["port"], launched["trainer"], launched["log"]
+    log_path, snapshots = launched["log_path"], launched["snapshots"]
+    res: dict = {"transport": transport, "steps": args.steps, "interval": args.interval, "versions": []}
     llm.collective_rpc("flare_connect", args=("127.0.0.1", port, transport, float(args.timeout_s)))
     sleep = Sleep(llm, args.sleep)
     if args.sleep:
@@ -348,14 +364,8 @@ def run_transport(llm, ref, args, transport: str, work: str) -> dict:
         except Exception as e:  # noqa: BLE001 - the refusal is what we want to see
             res["refused_while_asleep"] = "asleep" in str(e)
             res["refusal"] = str(e).strip().splitlines()[-1][:300]
-    dump = os.path.join(work, f"train_{transport}")
-    snapshots = os.path.join(work, f"snapshots_{transport}")
-    os.makedirs(snapshots, exist_ok=True)
-    log_path = os.path.join(work, f"trainer_{transport}.log")
-    trainer, log = start_trainer(args, trainer_command(args, transport, port, args.steps, args.interval, dump, True),
-                                 log_path, snapshots)
     memory = []
-    t_start = time.time()
+    t_start = launched["t_start"]
     try:
         while True:
             sleep.wake("weights")  # a receive into sleeping weights is refused
@@ -419,7 +429,7 @@ def run_timing(llm, args, transport: str, work: str) -> dict:
     llm.collective_rpc("flare_connect", args=("127.0.0.1", port, transport, float(args.timeout_s)))
     dump = os.path.join(work, f"timing_{transport}")
     log_path = os.path.join(work, f"timing_{transport}.log")
-    trainer, log = start_trainer(args, trainer_command(args, transport, port, args.timing_steps, 1, dump, False),
+    trainer, log = start_trainer(args, trainer_command(args, transport, port, args.timing_steps, 1, dump, False, args.timeout_s),
                                  log_path, None)
     try:
         while llm.collective_rpc("flare_receive", args=(5.0,))[0]["status"] != "closed":
@@ -535,6 +545,8 @@ def main() -> int:
     ap.add_argument("--mean_gap", type=float, default=0.05, help="tolerance: mean per-token logprob gap (nats)")
     ap.add_argument("--max_memory_drift_mib", type=float, default=64.0)
     ap.add_argument("--timeout_s", type=float, default=60.0, help="rollout.timeout_s of the trainer")
+    ap.add_argument("--engine_wait_s", type=float, default=600.0,
+                    help="how long the first trainer, started with the engine, waits for it to listen")
     ap.add_argument("--deadline_s", type=float, default=900.0, help="give up on a transport after this long")
     ap.add_argument("--trainer_pythonpath", default=None)
     ap.add_argument("--work", default="/tmp/flare_check_vllm")
@@ -560,6 +572,10 @@ def main() -> int:
                   worker_extension_cls=EXTENSION, enable_sleep_mode=args.sleep)
     if args.attention_backend != "auto":
         kwargs["attention_config"] = {"backend": args.attention_backend}
+    transports = [t for t in args.transports.split(",") if t]
+    # The first trainer starts with the engine: its cold kernel autotuning (minutes for a model on
+    # fla's kernels) overlaps the engine's start and warm-up; its first export waits for the engine.
+    first = launch_trainer(args, transports[0], args.work, max(args.timeout_s, args.engine_wait_s))
     t0 = time.time()
     llm = LLM(**kwargs)
     report = {"vllm": vllm.__version__, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
@@ -573,8 +589,9 @@ def main() -> int:
     t0 = time.time()
     generate_and_score(llm, ref, args)
     report["warmup_s"] = round(time.time() - t0, 1)
-    for transport in [t for t in args.transports.split(",") if t]:
-        report["runs"].append(run_transport(llm, ref, args, transport, args.work))
+    for i, transport in enumerate(transports):
+        launched = first if i == 0 else launch_trainer(args, transport, args.work, args.timeout_s)
+        report["runs"].append(run_transport(llm, ref, args, launched))
     if args.timing_steps:
         report["timing"].append(run_timing(llm, args, args.timing_transport, args.work))
     report["ok"] = all(r["ok"] for r in report["runs"]) and all(t["ok"] for t in report["timing"])

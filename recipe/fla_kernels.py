@@ -66,7 +66,16 @@ def gated_backward_refused() -> bool:
     return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
 
 
-def chunk_bwd_dqkwg_torch(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, dv=None, scale=None,
+def chunk_bwd_dqkwg_torch(*args, **kwargs):
+    """fla's gated ``chunk_bwd_dqkwg`` in PyTorch (see :func:`_chunk_bwd_dqkwg_fp32`), in fp32 even
+    inside bf16 autocast: fla's backward runs under the forward's autocast, which would turn the
+    einsums into bf16 products."""
+    device_type = args[0].device.type if args else kwargs["q"].device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _chunk_bwd_dqkwg_fp32(*args, **kwargs)
+
+
+def _chunk_bwd_dqkwg_fp32(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, dv=None, scale=None,
                           state_v_first=False, cu_seqlens=None, chunk_size=64, chunk_indices=None):
     """fla's gated ``chunk_bwd_dqkwg`` (fla/ops/common/chunk_o.py) in PyTorch, chunk by chunk.
 

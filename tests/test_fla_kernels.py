@@ -81,12 +81,17 @@ def test_torch_gated_backward_matches_flas_triton_kernel(case):
         inputs["dh"] = inputs["dh"].view(case["B"], n, *inputs["dh"].shape[1:])
     expected = chunk_bwd_dqkwg(**inputs)  # fla's Triton kernel (the interpreter on CPU)
     got = chunk_bwd_dqkwg_torch(**inputs)
-    for name, e, o in zip(("dq", "dk", "dw", "dg"), expected, got):
+    # fla's backward runs under the forward's autocast (the trainer's one-GPU default): the same
+    # fp32 result, not bf16 products
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got_autocast = chunk_bwd_dqkwg_torch(**inputs)
+    for name, e, o, a in zip(("dq", "dk", "dw", "dg"), expected, got, got_autocast):
         if e is None:
-            assert o is None, name
+            assert o is None and a is None, name
             continue
-        assert o.shape == e.shape and o.dtype == e.dtype, name
+        assert o.shape == e.shape and o.dtype == e.dtype and a.dtype == e.dtype, name
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=f"{name} under autocast")
 
 
 def _gated_delta_rule(q, k, v, g, beta):

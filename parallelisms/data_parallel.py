@@ -38,7 +38,8 @@ def apply_fsdp(
     reshard_after_forward_policy: str = "default",
 ) -> None:
     """One FSDP unit per block, one for the embeddings, one for ``head`` (final norm + lm_head),
-    and the root for the rest (e.g. HGRN2's lower bounds).
+    and the root for the rest (e.g. HGRN2's lower bounds). On a one-rank mesh (single-device FSDP)
+    the whole model is one unit.
 
     Tied embeddings: the shared weight is used first by the embeddings and last by lm_head; it
     must live in one unit, so both stay with the root (unsharded from the first use to backward).
@@ -51,6 +52,16 @@ def apply_fsdp(
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type != "cpu")
     reshard = _reshard_after_forward(reshard_after_forward_policy)
 
+    if dp_mesh.size() == 1:
+        # One rank (single-device FSDP): there is no communication to overlap and nothing to
+        # shard, so per-block units only add host work per step (FSDP2's pre/post hooks and
+        # copy-in/out per unit). One unit kept unsharded from forward to backward: the bf16 copy
+        # of the model is made once per step. Host time per step for GLA-340M's 290 tensors on a
+        # 2-core CPU: 115 ms per block and resharding, 80 ms in one unit, 32 ms as plain tensors
+        # (scripts/benchmarks/bench_fsdp_host.py).
+        fully_shard(model, **kwargs, reshard_after_forward=reshard_after_forward_policy == "always")
+        _set_reductions(model, dp_mesh)
+        return
     if not tied:
         fully_shard(embeddings, **kwargs, reshard_after_forward=reshard)
     for block in blocks.children():
@@ -60,7 +71,10 @@ def apply_fsdp(
         # Backward needs these right after forward: keep them unless the user wants "always".
         fully_shard(head, **kwargs, reshard_after_forward=reshard_after_forward_policy == "always")
     fully_shard(model, **kwargs)
+    _set_reductions(model, dp_mesh)
 
+
+def _set_reductions(model: nn.Module, dp_mesh: DeviceMesh) -> None:
     # Plain sums: with factor 1 FSDP would use PREMUL_SUM(1.0), which gloo (CPU) lacks.
     force_sum = dp_mesh.device_type == "cpu"
     for module in model.modules():

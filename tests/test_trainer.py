@@ -190,6 +190,8 @@ def test_single_device_fsdp_computes_in_bf16_with_fp32_masters(tmp_path):
     trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
                            "--parallelism.single_device_fsdp")
     assert isinstance(trainer.model, FSDPModule)
+    # one unit: per-block units only add host work per step where there is nothing to shard
+    assert [m for m in trainer.model.modules() if isinstance(m, FSDPModule)] == [trainer.model]
     assert lm_head_dtypes(trainer) == [(torch.bfloat16, torch.bfloat16)]
     params = list(trainer.model.parameters())
     trainer.close()

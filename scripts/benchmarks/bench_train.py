@@ -17,9 +17,9 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   steps (the trainer's logging cadence). ``bare`` keeps fp32 parameters under bf16 autocast,
   ``bare-flame`` is ``bare`` with fla's own kernel launches (the loop flame runs: the reference a
   flame user compares with), ``bare-bf16`` holds bf16 parameters and optimizer state,
-  ``bare-fsdp`` wraps blocks in FSDP2 on a one-rank mesh (bf16 compute, fp32 masters: the
-  trainer's numerics under FSDP and with ``parallelism.single_device_fsdp``; ``bare`` is the one-GPU
-  default's). Under torchrun every rank runs them alone,
+  ``bare-fsdp`` wraps the model in FSDP2 on a one-rank mesh as one unit (bf16 compute, fp32
+  masters: the trainer's layout with ``parallelism.single_device_fsdp`` and its numerics under
+  FSDP; ``bare`` is the one-GPU default's). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
 * ``bare-fsdp-dp`` (on request, under torchrun): the same loop with FSDP2 over all ranks (real
   all-gathers and reduce-scatters, FSDP's defaults): the ceiling of a data-parallel job. Between
@@ -357,9 +357,12 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
         mesh = one_rank_mesh(device) if precision == "fsdp" else world_mesh(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_gpu else torch.float32,
                                   reduce_dtype=torch.float32)
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        if precision == "fsdp":  # one unit kept unsharded, as parallelisms/data_parallel.py on one rank
+            fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        else:
+            for block in blocks:
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
     params = list(model.parameters())
     # The trainer's optimizer settings (torchtitan defaults), fused implementation.
     optimizer = torch.optim.AdamW(params, lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)

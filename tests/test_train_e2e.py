@@ -88,3 +88,26 @@ def test_checkpoint_resumes_under_another_layout(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "holds a data stream of data-parallel degree 2, this job has 4" in proc.stderr, proc.stderr[-4000:]
+
+
+def test_single_device_fsdp_resumes_exactly(tmp_path):
+    # One process, bf16 through one-rank FSDP (the whole model one unit): the checkpoint of step 2,
+    # copied into a fresh job folder, resumes to the uninterrupted run's steps 3-4 bit for bit.
+    import shutil
+
+    def run(dump):
+        cmd = [sys.executable, "train.py", "--job.config_file", "configs/debug.toml", "--model.config",
+               "configs/tiny/llama.json", "--job.dump_folder", str(dump), "--training.steps", "4",
+               "--training.seq_len", "32", "--checkpoint.interval", "2", "--training.mixed_precision_param",
+               "bfloat16", "--parallelism.single_device_fsdp"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert "Applied single-device FSDP" in run(straight)
+    shutil.copytree(straight / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    assert "Training from step 3 to 4" in run(resumed)
+    expected = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(straight)[2:]]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(resumed)] == expected

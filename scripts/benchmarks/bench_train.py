@@ -8,8 +8,8 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   with offline overrides (synthetic corpus, byte tokenizer, no checkpoints, metrics every
   ``--log-freq`` steps) and driven through its own ``train()`` loop, untouched. Throughput is the
   median ``tps`` of its logged windows after the warm-up steps; on one GPU the trainer runs fp32
-  parameters under bf16 autocast (``--trainer-args "--parallelism.single_device_fsdp"``: FSDP over a
-  one-rank mesh), under torchrun FSDP over all ranks (``--tp 2`` adds tensor parallelism).
+  parameters under bf16 autocast (``trainer-fsdp``: the same with ``--parallelism.single_device_fsdp``,
+  FSDP over a one-rank mesh), under torchrun FSDP over all ranks (``--tp 2`` adds tensor parallelism).
 * ``bare`` / ``bare-bf16`` / ``bare-fsdp``: the ceiling: ``AutoModelForCausalLM.from_config`` on the
   device, the same synthetic batches (pinned), fused AdamW, grad clipping, per-block
   ``torch.compile`` when compile is on (``parallelisms.compile.apply_compile``, as the trainer
@@ -65,8 +65,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 from recipe.shutdown import exit_without_finalizing  # noqa: E402
 
-IMPLS = ("trainer", "bare", "bare-flame", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
+IMPLS = ("trainer", "trainer-fsdp", "bare", "bare-flame", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
 DEFAULT_IMPLS = ("trainer", "bare-flame", "bare", "bare-fsdp")  # bare-fsdp-dp needs several ranks
+# trainer rows: extra train.py arguments of each (after --trainer-args)
+TRAINER_IMPLS = {"trainer": "", "trainer-fsdp": "--parallelism.single_device_fsdp"}
 BARE_PRECISION = {"bare": "autocast", "bare-flame": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp",
                   "bare-fsdp-dp": "fsdp-dp"}
 
@@ -514,21 +516,23 @@ def markdown(rows: list[dict]) -> str:
 def run_row(args, env, model, name, n_params, is_fla, seq, batch, compile_on, impl, repeat, started) -> dict:
     """One run of one row: its settings, and its measurements or the reason it did not run."""
     row = {"model": name, "config": model, "params": n_params, "seq": seq, "batch": batch, "compile": compile_on,
-           "impl": impl, "repeat": repeat, "varlen": impl == "trainer" and args.varlen and is_fla,
-           "tp": args.tp if impl == "trainer" else 1, "world_size": env["world_size"],
-           "trainer_args": args.trainer_args if impl == "trainer" else "",
-           "trainer_config": recipe_toml(model, args.trainer_config) if impl == "trainer" else None}
+           "impl": impl, "repeat": repeat, "varlen": impl in TRAINER_IMPLS and args.varlen and is_fla,
+           "tp": args.tp if impl in TRAINER_IMPLS else 1, "world_size": env["world_size"],
+           "trainer_args": (" ".join(filter(None, (args.trainer_args, TRAINER_IMPLS[impl])))
+                            if impl in TRAINER_IMPLS else ""),
+           "trainer_config": recipe_toml(model, args.trainer_config) if impl in TRAINER_IMPLS else None}
     if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
         row["error"] = f"skipped: --budget-s {args.budget_s:g} spent"
-    elif impl == "trainer" and args.varlen and not is_fla:
+    elif impl in TRAINER_IMPLS and args.varlen and not is_fla:
         row["error"] = "skipped: varlen needs an fla model"
     elif impl == "bare-fsdp-dp" and env["world_size"] == 1:
         row["error"] = "skipped: bare-fsdp-dp needs several ranks (torchrun); on one it is bare-fsdp"
     else:
         free_memory()
         try:
-            if impl == "trainer":
-                args_for_run = argparse.Namespace(**{**vars(args), "varlen": row["varlen"]})
+            if impl in TRAINER_IMPLS:
+                args_for_run = argparse.Namespace(**{**vars(args), "varlen": row["varlen"],
+                                                     "trainer_args": row["trainer_args"]})
                 row.update(run_trainer(model, seq, batch, compile_on, args_for_run, row["trainer_config"]))
             else:
                 # bare-flame: fla's own launch of its norm backward, as flame runs it
@@ -559,9 +563,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "mfu_pct": statistics.median(r["mfu_pct"] for r in runs) if runs[0].get("mfu_pct") else None,
                 "peak_gib": max(r["peak_gib"] or 0 for r in runs), "first_step_s": runs[0]["first_step_s"],
                 "ratios": {}}
-        if key[4] == "trainer":
+        if key[4] in TRAINER_IMPLS:
             for (m, sq, b, c, impl), bare_runs in groups.items():
-                if impl == "trainer" or (m, sq, b, c) != key[:4]:
+                if impl in TRAINER_IMPLS or (m, sq, b, c) != key[:4]:
                     continue
                 bare_pooled = statistics.median(w for r in bare_runs for w in r["windows"])
                 by_repeat = {r["repeat"]: r["tokens_per_s"] for r in bare_runs}
@@ -656,15 +660,16 @@ def main(argv=None) -> int:
             for compile_on in args.compile:
                 for repeat in range(args.repeats):
                     # Bare variants first: the trainer row can then carry its ratio as soon as it ends.
-                    for impl in sorted(args.impls, key=lambda i: i == "trainer"):
+                    for impl in sorted(args.impls, key=lambda i: i in TRAINER_IMPLS):
                         row = run_row(args, env, model, name, n_params, is_fla, seq, batch, compile_on, impl,
                                       repeat, started)
                         if row.get("tokens_per_s") and peak:
                             row["mfu_pct"] = 100 * row["flops_per_token"] * row["tokens_per_s"] / peak
                         else:
                             row.setdefault("mfu_pct", None)
-                        if impl == "trainer" and row.get("tokens_per_s"):
-                            bare = [r["tokens_per_s"] for r in rows if r["impl"] != "trainer" and r.get("tokens_per_s")
+                        if impl in TRAINER_IMPLS and row.get("tokens_per_s"):
+                            bare = [r["tokens_per_s"] for r in rows
+                                    if r["impl"] not in TRAINER_IMPLS and r.get("tokens_per_s")
                                     and (r["model"], r["seq"], r["compile"], r["repeat"]) ==
                                     (name, seq, compile_on, repeat)]
                             row["trainer_over_bare"] = row["tokens_per_s"] / max(bare) if bare else None

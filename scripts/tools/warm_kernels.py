@@ -334,7 +334,8 @@ def main(argv=None) -> int:
               "(recipe/device.py): nothing to compile or tune; warm-up is a no-op here.")
         args.phases = []
     elif not uses_fla(config):
-        print(f"model_type '{config.model_type}' is not an fla model: no fla Triton kernels to warm.")
+        print(f"model_type '{config.model_type}' is not an fla model: warm_kernels.py builds fla models only "
+              "(any fla kernels it calls tune at its first training step).")
         args.phases = []
 
     if "compile" in args.phases:

@@ -17,6 +17,9 @@ prompts:
 With ``--sleep`` the engine runs with ``enable_sleep_mode`` and sleeps (level 1) between versions,
 waking its weights before each receive; it also checks that a receive into sleeping weights is
 refused. The engine's loop ends when the trainer closes the connection at the end of training.
+The first transport's trainer starts together with the engine, so that its cold Triton autotuning
+(minutes for a model on fla's kernels) runs beside the engine's start and kernel warm-up; its first
+export waits up to ``--engine_wait_s`` for the engine to listen.
 ``--timing_steps N`` adds a run that exports at every step (no comparisons) and reports the
 hook's share of a step and the export bandwidth.
 

@@ -82,7 +82,7 @@ def test_bench_train_cpu_smoke(runs):
     trainer = next(r for r in rows if r["impl"] == "trainer")
     assert trainer["trainer_over_bare"] > 0
     summary = stdout[stdout.index("| model | seq x batch |"):]
-    assert len([line for line in summary.splitlines() if line.startswith("| llama |")]) == 5
+    assert len([line for line in summary.splitlines() if line.startswith("| llama |")]) == 6  # one summary line per impl
     assert "/bare-flame " in summary and "/bare-fsdp " in summary
 
 

@@ -432,8 +432,8 @@ def run_timing(llm, args, transport: str, work: str) -> dict:
     llm.collective_rpc("flare_connect", args=("127.0.0.1", port, transport, float(args.timeout_s)))
     dump = os.path.join(work, f"timing_{transport}")
     log_path = os.path.join(work, f"timing_{transport}.log")
-    trainer, log = start_trainer(args, trainer_command(args, transport, port, args.timing_steps, 1, dump, False, args.timeout_s),
-                                 log_path, None)
+    cmd = trainer_command(args, transport, port, args.timing_steps, 1, dump, False, args.timeout_s)
+    trainer, log = start_trainer(args, cmd, log_path, None)
     try:
         while llm.collective_rpc("flare_receive", args=(5.0,))[0]["status"] != "closed":
             if trainer.poll() is not None:
@@ -582,19 +582,24 @@ def main() -> int:
     # The first trainer starts with the engine: its cold kernel autotuning (minutes for a model on
     # fla's kernels) overlaps the engine's start and warm-up; its first export waits for the engine.
     first = launch_trainer(args, transports[0], args.work, max(args.timeout_s, args.engine_wait_s))
-    t0 = time.time()
-    llm = LLM(**kwargs)
-    report = {"vllm": vllm.__version__, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-              "model_config": args.model_config, "engine_start_s": round(time.time() - t0, 1),
-              "args": {k: v for k, v in vars(args).items()}, "runs": [], "timing": []}
-    ref = Reference(hf_dir)
-    report["n_params"] = sum(p.numel() for p in ref.model.parameters())
-    # Compile the engine's and the reference's kernels for the comparison's shapes now (on the
-    # dummy weights): compiled during the first comparison (OLMo-Hybrid's GatedDeltaNet kernels in
-    # vLLM: ~80 s on an H200), they held the engine past the trainer's rollout.timeout_s.
-    t0 = time.time()
-    generate_and_score(llm, ref, args)
-    report["warmup_s"] = round(time.time() - t0, 1)
+    try:
+        t0 = time.time()
+        llm = LLM(**kwargs)
+        report = {"vllm": vllm.__version__, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+                  "model_config": args.model_config, "engine_start_s": round(time.time() - t0, 1),
+                  "args": {k: v for k, v in vars(args).items()}, "runs": [], "timing": []}
+        ref = Reference(hf_dir)
+        report["n_params"] = sum(p.numel() for p in ref.model.parameters())
+        # Compile the engine's and the reference's kernels for the comparison's shapes now (on the
+        # dummy weights): compiled during the first comparison (OLMo-Hybrid's GatedDeltaNet kernels
+        # in vLLM: ~80 s on an H200), they held the engine past the trainer's rollout.timeout_s.
+        t0 = time.time()
+        generate_and_score(llm, ref, args)
+        report["warmup_s"] = round(time.time() - t0, 1)
+    except BaseException:
+        first["trainer"].kill()  # it would wait --engine_wait_s for an engine that never comes
+        first["log"].close()
+        raise
     for i, transport in enumerate(transports):
         launched = first if i == 0 else launch_trainer(args, transport, args.work, args.timeout_s)
         report["runs"].append(run_transport(llm, ref, args, launched))

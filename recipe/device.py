@@ -69,7 +69,10 @@ def _quiet_expected_cpu_warnings() -> None:
 def _pin_triton_autotune_to_one_config() -> None:
     """Autotuning benchmarks every config on the active GPU driver; on CPU there is none.
 
-    Every config of a kernel computes the same result, so the first one is used.
+    Every config of a kernel computes the same result, so one is used: the one with the largest
+    tiles (product of its block sizes; the first of equals). The interpreter runs every program
+    instance in Python, so fewer, larger ones run faster: a tiny GatedDeltaNet's forward+backward
+    took 2.7 s instead of 8.3 s with the first config, RetNet's 3.2 s instead of 8.6 s.
     """
     from triton.runtime import autotuner
 
@@ -77,11 +80,18 @@ def _pin_triton_autotune_to_one_config() -> None:
     if getattr(prune, "_flare_pinned", False):
         return
 
-    def first_config_only(self, kwargs):
-        return prune(self, kwargs)[:1]
+    def tile_size(config) -> int:
+        size = 1
+        for value in config.kwargs.values():
+            if isinstance(value, int) and not isinstance(value, bool):
+                size *= value
+        return size
 
-    first_config_only._flare_pinned = True
-    autotuner.Autotuner.prune_configs = first_config_only
+    def largest_tiles_only(self, kwargs):
+        return [max(prune(self, kwargs), key=tile_size)]
+
+    largest_tiles_only._flare_pinned = True
+    autotuner.Autotuner.prune_configs = largest_tiles_only
 
 
 def _make_interpreter_loop_indices_tensors() -> None:

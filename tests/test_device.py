@@ -27,7 +27,8 @@ def test_cpu_is_selected_and_torchtitan_follows():
     assert configure_device() == "cpu"  # idempotent
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK": 4}), triton.Config({"BLOCK": 8})], key=["n"])
+@triton.autotune(configs=[triton.Config({"BLOCK": 4}), triton.Config({"BLOCK": 8}), triton.Config({"BLOCK": 2})],
+                 key=["n"])
 @triton.jit
 def _loop_kernel(out, n, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
@@ -40,9 +41,9 @@ def _loop_kernel(out, n, BLOCK: tl.constexpr):
 def test_interpreter_loop_indices_and_pinned_autotune():
     out = torch.zeros(8, dtype=torch.int64)
     _loop_kernel[(1,)](out, 5)
-    # First autotune config (BLOCK=4) used without benchmarking; sum(range(5)) == 10.
-    assert out[:4].tolist() == [4010] * 4
-    assert out[4:].tolist() == [0] * 4
+    # The config with the largest tiles (BLOCK=8, neither the first nor the last) used without
+    # benchmarking: fewest program instances for the interpreter; sum(range(5)) == 10.
+    assert out.tolist() == [8010] * 8
 
 
 def test_fla_chunk_kernel_matches_naive_reference():

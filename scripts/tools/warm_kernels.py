@@ -49,7 +49,7 @@ Every rank of a multi-GPU job reads the same on-disk cache, so one warm-up serve
 head count: ``--tp N`` warms a copy with heads and widths split N ways. Not covered: varlen batches
 whose document count enters a tuning key (pass ``--varlen`` to warm the common kernels), and
 torch.compile's own kernels.
-On CPU, Triton runs through its interpreter and autotuning is pinned to the first config
+On CPU, Triton runs through its interpreter and autotuning is pinned to one config
 (recipe/device.py): there is nothing to compile or tune, so the phases are skipped (exit 0).
 """
 
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
 
     config = load_model_config(args.model)
     if device_type != "cuda":
-        print("CPU: Triton runs through its interpreter and autotuning is pinned to the first config "
+        print("CPU: Triton runs through its interpreter and autotuning is pinned to one config "
               "(recipe/device.py): nothing to compile or tune; warm-up is a no-op here.")
         args.phases = []
     elif not uses_fla(config):

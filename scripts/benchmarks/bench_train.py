@@ -359,8 +359,11 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
         mesh = one_rank_mesh(device) if precision == "fsdp" else world_mesh(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_gpu else torch.float32,
                                   reduce_dtype=torch.float32)
-        if precision == "fsdp":  # one unit kept unsharded, as parallelisms/data_parallel.py on one rank
-            fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        if precision == "fsdp":  # the trainer's own wrapping (on one rank: one unit, kept unsharded)
+            from parallelisms.data_parallel import apply_fsdp
+
+            apply_fsdp(model, mesh, embeddings=model.get_input_embeddings(), blocks=blocks, head=[], tied=False,
+                       param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype)
         else:
             for block in blocks:
                 fully_shard(block, mesh=mesh, mp_policy=mp)

@@ -120,15 +120,14 @@ class ActivationCheckpoint:
 
 @dataclass
 class Parallelism:
-    single_device_fsdp: bool = False
-    """On one device with training.mixed_precision_param below float32. false: fp32 parameters under
-    bf16 autocast (flame's precision). true: FSDP2 over a one-rank mesh, the whole model one unit,
-    whose mixed-precision policy computes with bf16 parameters cast once per step (fp32 master
-    weights and gradients): ~10 GiB less for GLA-340M at 8 x 4096 (33 vs 43 GiB), but its per-step
-    host work can leave the GPU idle on hosts with slower CPUs: with one unit per block (commit
-    62d2644) it ran 6% slower than autocast with a 3x wider spread on one H200 on 2026-12-02, and
-    12% faster on 2026-11-21 (a faster host) (docs/benchmarks.md). One unit halves that host work
-    (scripts/benchmarks/bench_fsdp_host.py)."""
+    single_device_fsdp: bool = True
+    """On one device with training.mixed_precision_param below float32. true: FSDP2 over a one-rank
+    mesh, the whole model one unit, whose mixed-precision policy computes with bf16 parameters cast
+    once per step (fp32 master weights and gradients): on one H200 (2026-12-02) GLA-340M at 8 x 4096
+    trained at 156.9k tokens/s in 34.0 GiB, against 139.7k tokens/s in 42.3 GiB with false, and
+    1.14x the loop flame runs (docs/benchmarks.md, one-GPU precision layouts). false: fp32 parameters
+    under bf16 autocast (flame's precision), which keeps the GPU busy on hosts whose CPU cannot keep
+    up with FSDP's per-step host work."""
 
 
 @dataclass

@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     procs = {
         "bench": subprocess.Popen([sys.executable, *SMOKE_BENCH, "--repeats", "2", "--impls",
-                                   "trainer,trainer-fsdp,bare,bare-flame,bare-bf16,bare-fsdp", "--out", str(out)], cwd=ROOT, env=env,
+                                   "trainer,trainer-autocast,bare,bare-flame,bare-bf16,bare-fsdp", "--out", str(out)], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "bench_dp": subprocess.Popen([*torchrun, *SMOKE_BENCH, "--impls", "bare-fsdp,bare-fsdp-dp", "--out", str(out_dp)],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
@@ -66,11 +66,11 @@ def test_bench_train_cpu_smoke(runs):
     with open(runs["bench_out"]) as f:
         header, *rows = [json.loads(line) for line in f]
     assert header["header"]["device"] == "CPU" and header["header"]["torch"]
-    impls = ["bare", "bare-bf16", "bare-flame", "bare-fsdp", "trainer", "trainer-fsdp"]
+    impls = ["bare", "bare-bf16", "bare-flame", "bare-fsdp", "trainer", "trainer-autocast"]
     # Interleaved: every row once, then every row again (trainer rows last in each round, for their ratio).
     assert [r["repeat"] for r in rows] == [0] * 6 + [1] * 6
     assert sorted(r["impl"] for r in rows[:6]) == sorted(r["impl"] for r in rows[6:]) == impls
-    assert {r["impl"]: r["trainer_args"] for r in rows}["trainer-fsdp"] == "--parallelism.single_device_fsdp"
+    assert {r["impl"]: r["trainer_args"] for r in rows}["trainer-autocast"] == "--parallelism.single_device_fsdp false"
     for row in rows:
         assert "error" not in row, row
         assert (row["model"], row["seq"], row["batch"], row["compile"]) == ("llama", 64, 2, False)

@@ -7,9 +7,10 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   next to the JSON when there is one: its FSDP reshard policy, dataloader workers, pinned memory)
   with offline overrides (synthetic corpus, byte tokenizer, no checkpoints, metrics every
   ``--log-freq`` steps) and driven through its own ``train()`` loop, untouched. Throughput is the
-  median ``tps`` of its logged windows after the warm-up steps; on one GPU the trainer runs fp32
-  parameters under bf16 autocast (``trainer-fsdp``: the same with ``--parallelism.single_device_fsdp``,
-  FSDP over a one-rank mesh), under torchrun FSDP over all ranks (``--tp 2`` adds tensor parallelism).
+  median ``tps`` of its logged windows after the warm-up steps; on one GPU the trainer runs FSDP
+  over a one-rank mesh (bf16 compute, fp32 masters; ``trainer-autocast``: the same with
+  ``--parallelism.single_device_fsdp false``, fp32 parameters under bf16 autocast), under torchrun
+  FSDP over all ranks (``--tp 2`` adds tensor parallelism).
 * ``bare`` / ``bare-bf16`` / ``bare-fsdp``: the ceiling: ``AutoModelForCausalLM.from_config`` on the
   device, the same synthetic batches (pinned), fused AdamW, grad clipping, per-block
   ``torch.compile`` when compile is on (``parallelisms.compile.apply_compile``, as the trainer
@@ -18,8 +19,8 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   ``bare-flame`` is ``bare`` with fla's own kernel launches (the loop flame runs: the reference a
   flame user compares with), ``bare-bf16`` holds bf16 parameters and optimizer state,
   ``bare-fsdp`` wraps the model in FSDP2 on a one-rank mesh as one unit (bf16 compute, fp32
-  masters: the trainer's layout with ``parallelism.single_device_fsdp`` and its numerics under
-  FSDP; ``bare`` is the one-GPU default's). Under torchrun every rank runs them alone,
+  masters: the trainer's one-GPU default and its numerics under FSDP; ``bare`` is
+  ``trainer-autocast``'s). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
 * ``bare-fsdp-dp`` (on request, under torchrun): the same loop with FSDP2 over all ranks (real
   all-gathers and reduce-scatters, FSDP's defaults): the ceiling of a data-parallel job. Between
@@ -65,10 +66,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 from recipe.shutdown import exit_without_finalizing  # noqa: E402
 
-IMPLS = ("trainer", "trainer-fsdp", "bare", "bare-flame", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
+IMPLS = ("trainer", "trainer-autocast", "bare", "bare-flame", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
 DEFAULT_IMPLS = ("trainer", "bare-flame", "bare", "bare-fsdp")  # bare-fsdp-dp needs several ranks
 # trainer rows: extra train.py arguments of each (after --trainer-args)
-TRAINER_IMPLS = {"trainer": "", "trainer-fsdp": "--parallelism.single_device_fsdp"}
+TRAINER_IMPLS = {"trainer": "", "trainer-autocast": "--parallelism.single_device_fsdp false"}
 BARE_PRECISION = {"bare": "autocast", "bare-flame": "autocast", "bare-bf16": "bf16", "bare-fsdp": "fsdp",
                   "bare-fsdp-dp": "fsdp-dp"}
 

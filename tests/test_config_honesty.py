@@ -222,9 +222,10 @@ def test_dry_run_reports_the_real_model_without_a_process_group(tmp_path, capsys
          ["data parallel: DDP over 2 replicas", "activation checkpointing: full, 2/2 blocks", "DDP gradient buckets"]),
         (1, ["--compile.enable", "--activation_checkpoint.mode", "selective",
              "--activation_checkpoint.selective_ac_option", "2"],
-         ["data parallel: none; precision: autocast to bf16 (fp32 parameters)", "compile: 2 blocks",
+         ["data parallel: single-device FSDP (one rank), compute bf16", "compile: 2 blocks",
           "selective, 1 block in 2, 1/2 blocks"]),
-        (1, ["--parallelism.single_device_fsdp"], ["single-device FSDP (one rank)"]),
+        (1, ["--parallelism.single_device_fsdp", "false"],
+         ["data parallel: none; precision: autocast to bf16 (fp32 parameters)"]),
     ],
 )
 def test_dry_run_plan_follows_config_and_world_size(world, args, expected, capsys, monkeypatch, no_process_group):

@@ -182,13 +182,12 @@ def lm_head_dtypes(trainer):
 
 
 def test_single_device_fsdp_computes_in_bf16_with_fp32_masters(tmp_path):
-    # One device, bf16, parallelism.single_device_fsdp: FSDP2 over a one-rank mesh computes with
-    # bf16 weights cast once per step and keeps fp32 masters (lighter than autocast).
+    # One device, bf16, the default (parallelism.single_device_fsdp): FSDP2 over a one-rank mesh
+    # computes with bf16 weights cast once per step and keeps fp32 masters (lighter than autocast).
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
-                           "--parallelism.single_device_fsdp")
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16")
     assert isinstance(trainer.model, FSDPModule)
     # one unit: per-block units only add host work per step where there is nothing to shard
     assert [m for m in trainer.model.modules() if isinstance(m, FSDPModule)] == [trainer.model]
@@ -199,9 +198,10 @@ def test_single_device_fsdp_computes_in_bf16_with_fp32_masters(tmp_path):
 
 
 def test_mixed_precision_without_fsdp_uses_autocast(tmp_path):
-    # flame #29: single-device/DDP runs silently trained in fp32. Without FSDP (one device's
-    # default) the forward runs under autocast: fp32 weights, bf16 matmuls.
-    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16")
+    # flame #29: single-device/DDP runs silently trained in fp32. Without FSDP (one device with
+    # parallelism.single_device_fsdp false) the forward runs under autocast: fp32 weights, bf16 matmuls.
+    trainer = make_trainer(tmp_path, "--training.mixed_precision_param", "bfloat16",
+                           "--parallelism.single_device_fsdp", "false")
     assert lm_head_dtypes(trainer) == [(torch.float32, torch.bfloat16)]
     trainer.close()
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -124,10 +124,10 @@ class Parallelism:
     """On one device with training.mixed_precision_param below float32. true: FSDP2 over a one-rank
     mesh, the whole model one unit, whose mixed-precision policy computes with bf16 parameters cast
     once per step (fp32 master weights and gradients): on one H200 (2026-12-02) GLA-340M at 8 x 4096
-    trained at 156.9k tokens/s in 34.0 GiB, against 139.7k tokens/s in 42.3 GiB with false, and
-    1.14x the loop flame runs (docs/benchmarks.md, one-GPU precision layouts). false: fp32 parameters
-    under bf16 autocast (flame's precision), which keeps the GPU busy on hosts whose CPU cannot keep
-    up with FSDP's per-step host work."""
+    trained at 154k-157k tokens/s in 34.0 GiB (1.11-1.14x the loop flame runs), though some 10-step
+    windows dip by up to 15% when the host falls behind the GPU (docs/benchmarks.md, one-GPU
+    precision layouts). false: fp32 parameters under bf16 autocast (flame's precision), 140k-141k
+    tokens/s in 42.3 GiB there, steady: less host work per step."""
 
 
 @dataclass

@@ -137,6 +137,16 @@ def test_bench_train_seq_sweep_keeps_tokens_per_batch():
         bench.parse_args(["--seq-sweep", "3000"])
 
 
+def test_bench_train_refuses_the_autocast_trainer_row_under_torchrun(monkeypatch, capsys):
+    # single_device_fsdp only applies to one process: under torchrun the row would be FSDP again.
+    bench = load_script("bench_train")
+    assert bench.parse_args(["--impls", "trainer,trainer-autocast"]).impls == ["trainer", "trainer-autocast"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--impls", "trainer,trainer-autocast"])
+    assert "trainer-autocast: one GPU only" in capsys.readouterr().err
+
+
 def test_trainer_rows_start_from_the_models_shipped_recipe(monkeypatch):
     from recipe.config import parse_job_config
 

@@ -117,6 +117,9 @@ def parse_args(argv=None):
     unknown = set(args.impls) - set(IMPLS)
     if unknown:
         p.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
+    if "trainer-autocast" in args.impls and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        p.error("--impls trainer-autocast: one GPU only (parallelism.single_device_fsdp applies to one "
+                "process; under torchrun the trainer runs FSDP over all ranks)")
     if args.seq_sweep:
         tokens = args.seq_len * args.batch
         args.shapes = []

@@ -3,10 +3,12 @@
 ``<dump_folder>/metrics.jsonl`` gets one JSON object per logged step (rank 0 writes it, a
 resumed run appends; after a last line cut by a kill it starts a new line, and readers skip the
 cut one). Keys always present: step, loss, grad_norm, lr, tps, mfu, memory_gib; also
-loss_max, tflops, tokens_seen, skipped_steps, step_time_s, data_wait_s, eta_s, time.
+loss_max, tflops, tokens_seen, skipped_steps, step_time_s, data_wait_s, alloc_retries, eta_s, time.
 ``tps`` is tokens/s per device; ``mfu`` is in percent, from ``recipe.flops`` and the device's
 bf16 dense peak, and null where that peak is unknown (CPU). ``memory_gib`` is the peak since the
-previous log: CUDA reserved memory, or the process's peak RSS on CPU.
+previous log: CUDA reserved memory, or the process's peak RSS on CPU. ``alloc_retries`` counts the
+CUDA caching allocator's retries since the previous log (each one frees its cache and waits for the
+device; null on CPU), with a warning when there are any.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class MemoryMonitor:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._retries_seen = 0
 
     def peak_gib(self) -> float:
         if self.device.type == "cuda":
@@ -39,6 +42,16 @@ class MemoryMonitor:
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def alloc_retries(self) -> int | None:
+        """CUDA allocation retries since the previous call (None off CUDA). A retry means the
+        caching allocator found no free block, released its cache and synchronized the device:
+        the host stalls and the GPU idles."""
+        if self.device.type != "cuda":
+            return None
+        total = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+        since, self._retries_seen = total - self._retries_seen, total
+        return since
 
 
 class MetricsProcessor:
@@ -85,6 +98,7 @@ class MetricsProcessor:
             "memory_gib": self.memory.peak_gib(),
             "step_time_s": step_time,
             "data_wait_s": self.data_wait_s / steps,
+            "alloc_retries": self.memory.alloc_retries(),
             "eta_s": remaining * step_time,
             **extra,
             "time": time.time(),
@@ -95,6 +109,11 @@ class MetricsProcessor:
                 # The cut line stays as it is (nothing written is changed); the records go after it.
                 f.write(("\n" if self.jsonl_cut else "") + json.dumps(_json_safe(record)) + "\n")
             self.jsonl_cut = False
+        if record["alloc_retries"]:
+            logger.warning(
+                f"step {step}: {record['alloc_retries']} CUDA memory allocation retries since the last log (each one "
+                "synchronizes the device): lower the memory use or set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+            )
         mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
         logger.info(
             f"step {step:>6}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.2e}  "

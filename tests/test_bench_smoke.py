@@ -81,6 +81,7 @@ def test_bench_train_cpu_smoke(runs):
         assert row["loss_last"] == row["loss_last"]  # not NaN
     trainer = next(r for r in rows if r["impl"] == "trainer")
     assert trainer["trainer_over_bare"] > 0
+    assert trainer["alloc_retries"] == [None] * 3  # per window, from metrics.jsonl; CUDA only
     summary = stdout[stdout.index("| model | seq x batch |"):]
     assert len([line for line in summary.splitlines() if line.startswith("| llama |")]) == 6  # one summary line per impl
     assert "/bare-flame " in summary and "/bare-fsdp " in summary

@@ -41,6 +41,7 @@ def test_debug_job_trains_checkpoints_and_resumes_exactly(tmp_path):
     for record in first:
         assert REQUIRED_KEYS <= record.keys()
         assert record["tps"] > 0 and record["memory_gib"] > 0 and record["mfu"] is None  # CPU: no peak
+        assert "alloc_retries" in record and record["alloc_retries"] is None  # CUDA's allocator only
     assert sorted(os.listdir(interrupted / "checkpoint")) == ["step-2", "step-4"]
 
     log = torchrun(interrupted, 6)  # the same command, restarted

@@ -355,3 +355,24 @@ def test_an_fla_model_on_cpu_trains_in_float32_whatever_the_precision_asked(tmp_
     trainer = make_trainer(tmp_path / "llama", "--training.mixed_precision_param", "bfloat16")
     assert trainer.job_config.training.mixed_precision_param == "bfloat16"
     trainer.close()
+
+
+def test_cuda_allocation_retries_are_counted_per_log_window_and_warned(tmp_path, monkeypatch, caplog):
+    # A retry of the CUDA caching allocator frees its cache and synchronizes the device: a stall
+    # a user should see in the log and in metrics.jsonl. The counter is cumulative; each log
+    # reports the retries since the previous one (CUDA's counter stood in for on CPU).
+    from recipe.metrics import MemoryMonitor
+
+    cumulative = iter([0, 3, 3, 5])
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"num_alloc_retries": next(cumulative)})
+    cuda = MemoryMonitor(torch.device("cuda"))
+    assert [cuda.alloc_retries() for _ in range(4)] == [0, 3, 0, 2]
+    assert MemoryMonitor(torch.device("cpu")).alloc_retries() is None
+
+    trainer = make_trainer(tmp_path)
+    monkeypatch.setattr(trainer.metrics.memory, "alloc_retries", lambda: 2)
+    with caplog.at_level("WARNING"):
+        record = trainer.metrics.log(step=1, loss=1.0, loss_max=1.0, grad_norm=1.0, lr=1e-3, extra={})
+    trainer.close()
+    assert record["alloc_retries"] == 2
+    assert "step 1: 2 CUDA memory allocation retries since the last log" in caplog.text

@@ -250,6 +250,8 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args, config
         row = {
             **window_stats([r["tps"] for r in timed]),
             "peak_gib": max((r["memory_gib"] for r in records), default=None),
+            # per timed window: a retry frees the allocator's cache and syncs the device (a dip's suspect)
+            "alloc_retries": [r.get("alloc_retries") for r in timed],
             "first_step_s": step_s[0],
             "setup_s": setup_s,
             "loss_first": records[0]["loss"] if records else None,

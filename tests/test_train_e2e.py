@@ -26,6 +26,19 @@ def torchrun(dump_folder, steps, *extra, expect_ok=True):
     return proc.stdout + proc.stderr
 
 
+def train_one_process_bf16(dump_folder, steps, *extra):
+    """train.py in one process: the tiny Llama in bf16 (an fla model on CPU trains in fp32), a
+    checkpoint every 2 steps; returns the log."""
+    cmd = [sys.executable, "train.py", "--job.config_file", "configs/debug.toml", "--model.config",
+           "configs/tiny/llama.json", "--job.dump_folder", str(dump_folder), "--training.steps", str(steps),
+           "--training.seq_len", "32", "--checkpoint.interval", "2", "--training.mixed_precision_param",
+           "bfloat16", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
 def read_metrics(dump_folder):
     with open(os.path.join(dump_folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -97,14 +110,7 @@ def test_single_device_fsdp_resumes_exactly(tmp_path):
     import shutil
 
     def run(dump):
-        cmd = [sys.executable, "train.py", "--job.config_file", "configs/debug.toml", "--model.config",
-               "configs/tiny/llama.json", "--job.dump_folder", str(dump), "--training.steps", "4",
-               "--training.seq_len", "32", "--checkpoint.interval", "2", "--training.mixed_precision_param",
-               "bfloat16", "--parallelism.single_device_fsdp"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc.stdout + proc.stderr
+        return train_one_process_bf16(dump, 4, "--parallelism.single_device_fsdp")
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert "Applied single-device FSDP" in run(straight)
@@ -121,20 +127,11 @@ def test_an_autocast_checkpoint_resumes_under_single_device_fsdp(tmp_path):
     # precision (bf16 weights instead of autocast's casts).
     import shutil
 
-    def run(dump, *extra):
-        cmd = [sys.executable, "train.py", "--job.config_file", "configs/debug.toml", "--model.config",
-               "configs/tiny/llama.json", "--job.dump_folder", str(dump), "--training.steps", "3",
-               "--training.seq_len", "32", "--checkpoint.interval", "2", "--training.mixed_precision_param",
-               "bfloat16", *extra]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc.stdout + proc.stderr
-
     autocast, resumed = tmp_path / "autocast", tmp_path / "resumed"
-    assert "Applied single-device FSDP" not in run(autocast, "--parallelism.single_device_fsdp", "false")
+    saved = train_one_process_bf16(autocast, 3, "--parallelism.single_device_fsdp", "false")
+    assert "Applied single-device FSDP" not in saved
     shutil.copytree(autocast / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
-    log = run(resumed)
+    log = train_one_process_bf16(resumed, 3)
     assert "Applied single-device FSDP" in log and "Training from step 3 to 3" in log
     reference, step3 = read_metrics(autocast)[-1], read_metrics(resumed)[-1]
     assert step3["step"] == reference["step"] == 3

@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     procs = {
         "bench": subprocess.Popen([sys.executable, *SMOKE_BENCH, "--repeats", "2", "--impls",
-                                   "trainer,trainer-autocast,bare,bare-flame,bare-bf16,bare-fsdp", "--out", str(out)], cwd=ROOT, env=env,
+                                   "trainer,trainer-autocast,bare,bare-flame,bare-bf16,bare-fsdp", "--timeline",
+                                   "--out", str(out)], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "bench_dp": subprocess.Popen([*torchrun, *SMOKE_BENCH, "--impls", "bare-fsdp,bare-fsdp-dp", "--out", str(out_dp)],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
@@ -79,12 +80,48 @@ def test_bench_train_cpu_smoke(runs):
         assert row["tps_p10"] <= row["tokens_per_s"] <= row["tps_p90"]
         assert row["mfu_pct"] is None  # no bf16 peak on CPU
         assert row["loss_last"] == row["loss_last"]  # not NaN
+        # --timeline: every timed step but the last (no next step to end it), host columns only on CPU
+        timeline = row["timeline"]
+        assert len(timeline["step_host_ms"]) == 2 and all(ms > 0 for ms in timeline["step_host_ms"])
+        assert timeline["step_gpu_ms"] == [None, None] and timeline["step_starved"] is None
+        phases = (["forward_backward", "clip_and_step", "train_step_end", "loop"] if row["impl"].startswith("trainer")
+                  else ["forward", "backward", "clip", "optimizer", "loop"])
+        assert list(timeline["phases"]) == phases
     trainer = next(r for r in rows if r["impl"] == "trainer")
     assert trainer["trainer_over_bare"] > 0
     assert trainer["alloc_retries"] == [None] * 3  # per window, from metrics.jsonl; CUDA only
     summary = stdout[stdout.index("| model | seq x batch |"):]
     assert len([line for line in summary.splitlines() if line.startswith("| llama |")]) == 6  # one summary line per impl
     assert "/bare-flame " in summary and "/bare-fsdp " in summary
+
+
+def test_step_timeline_finds_where_the_gpu_waited_for_the_host():
+    from scripts.benchmarks.step_timeline import StepTimeline
+
+    class Event:  # a CUDA event the GPU reached at ``ms``
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, other):
+            return other.ms - self.ms
+
+    timeline = StepTimeline(on_gpu=True)
+    # host ms at each mark, and when the GPU got there: a queue of 14-18 ms, drained while the host
+    # took 20 ms between the second forward and the third step
+    for name, host_ms, gpu_ms in [("step", 0, 0.1), ("forward", 10, 24.1), ("step", 20, 38.1),
+                                  ("forward", 30, 48.1), ("step", 50, 50.6), ("forward", 60, 64.1)]:
+        timeline.marks.append((name, host_ms / 1e3, host_ms / 2e3, Event(gpu_ms)))
+    steps = timeline.steps()
+    assert len(steps) == 2  # the third has no next step to end it
+    assert [p["phase"] for p in steps[0]] == ["forward", "loop"]
+    assert [round(p["behind_ms"], 3) for s in steps for p in s] == [14.0, 18.0, 18.0, 0.5]
+    assert [p["starved"] for s in steps for p in s] == [False, False, False, True]
+    assert [round(p["gpu_ms"], 3) for s in steps for p in s] == [24.0, 14.0, 10.0, 2.5]
+    summary = timeline.summary()
+    assert summary["step_starved"] == [0, 1] and summary["step_min_behind_ms"] == [14.0, 0.5]
+    assert summary["step_host_ms"] == [20.0, 30.0] and summary["step_cpu_ms"] == [10.0, 15.0]
+    assert summary["step_gpu_ms"] == [38.0, 12.5]
+    assert summary["phases"]["loop"]["starved_frac"] == 0.5
 
 
 def test_bench_train_summary_pools_repeats_and_pairs_ratios_by_repeat():

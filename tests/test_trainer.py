@@ -197,6 +197,63 @@ def test_single_device_fsdp_computes_in_bf16_with_fp32_masters(tmp_path):
     assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in params)  # fp32 master weights
 
 
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_single_device_fsdp_clips_and_steps_on_local_tensors_with_the_same_result(tmp_path, implementation):
+    # Clip and optimizer step on the DTensors' local tensors (parallelisms/single_device.py): the
+    # same kernels on the same values, so the same norms, weights and optimizer state bit for bit,
+    # and the optimizer keeps DTensor parameters and state (what checkpoints save).
+    from torch.distributed.tensor import DTensor
+
+    def full(t):
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+    runs = {}
+    for local_step in (True, False):
+        trainer = make_trainer(tmp_path / str(local_step), "--training.mixed_precision_param", "bfloat16",
+                               "--optimizer.implementation", implementation, "--training.max_norm", "0.05")
+        assert trainer.local_step  # the default on one device
+        trainer.local_step = local_step
+        norms = []
+        for step, batch in enumerate(micro_batches(trainer, 3), start=1):
+            trainer.step = step
+            norms.append(trainer.train_step(batch)["grad_norm"])
+        (optimizer,) = trainer.optimizers
+        assert all(isinstance(p, DTensor) and p.grad is not None for g in optimizer.param_groups for p in g["params"])
+        assert all(isinstance(v, DTensor) for st in optimizer.state.values() for k, v in st.items() if k != "step")
+        runs[local_step] = (norms, {n: full(p) for n, p in trainer.model.named_parameters()},
+                            [full(v) for st in optimizer.state.values() for v in st.values()])
+        trainer.close()
+    (norms, weights, state), (ref_norms, ref_weights, ref_state) = runs[True], runs[False]
+    assert norms == ref_norms and min(norms) > 0.05  # clipping was active on every step
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[n], ref_weights[n]) for n in weights)
+    assert len(state) == len(ref_state) and all(torch.equal(a, b) for a, b in zip(state, ref_state))
+
+
+def test_optimizers_on_local_tensors_leave_a_first_step_alone_and_restore_on_error():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from parallelisms import single_device
+
+    model = torch.nn.Linear(4, 4)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    assert single_device.on_one_rank(model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    params = optimizer.param_groups[0]["params"]
+    with single_device.optimizers_on_local_tensors([optimizer]):  # no state yet: the normal path makes it
+        assert optimizer.param_groups[0]["params"] is params
+        optimizer.step()
+    state = optimizer.state
+    with pytest.raises(RuntimeError, match="boom"):
+        with single_device.optimizers_on_local_tensors([optimizer]):
+            assert optimizer.param_groups[0]["params"] is not params and optimizer.state is not state
+            raise RuntimeError("boom")
+    assert optimizer.param_groups[0]["params"] is params and optimizer.state is state
+    assert all(p._local_tensor.grad is None and p.grad is not None for p in params)
+
+
 def test_mixed_precision_without_fsdp_uses_autocast(tmp_path):
     # flame #29: single-device/DDP runs silently trained in fp32. Without FSDP (one device with
     # parallelism.single_device_fsdp false) the forward runs under autocast: fp32 weights, bf16 matmuls.

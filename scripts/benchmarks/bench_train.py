@@ -19,7 +19,8 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   ``bare-flame`` is ``bare`` with fla's own kernel launches (the loop flame runs: the reference a
   flame user compares with), ``bare-bf16`` holds bf16 parameters and optimizer state,
   ``bare-fsdp`` wraps the model in FSDP2 on a one-rank mesh as one unit (bf16 compute, fp32
-  masters: the trainer's one-GPU default and its numerics under FSDP; ``bare`` is
+  masters, clip and step on the local tensors: the trainer's one-GPU default and its numerics
+  under FSDP; ``bare`` is
   ``trainer-autocast``'s). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
 * ``bare-fsdp-dp`` (on request, under torchrun): the same loop with FSDP2 over all ranks (real
@@ -51,6 +52,7 @@ seconds (one process only). On CPU the runs compute in fp32 and compile defaults
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -65,6 +67,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipe.shutdown import exit_without_finalizing  # noqa: E402
+from scripts.benchmarks.step_timeline import StepTimeline  # noqa: E402
 
 IMPLS = ("trainer", "trainer-autocast", "bare", "bare-flame", "bare-bf16", "bare-fsdp", "bare-fsdp-dp")
 DEFAULT_IMPLS = ("trainer", "bare-flame", "bare", "bare-fsdp")  # bare-fsdp-dp needs several ranks
@@ -103,6 +106,9 @@ def parse_args(argv=None):
                    help="cpu hides the GPUs (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON-lines file (default $OUT/bench_train.jsonl if OUT is set)")
     p.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
+    p.add_argument("--timeline", action="store_true",
+                   help="rows also keep a per-step host/GPU timeline of the timed steps: where the GPU waited "
+                        "for the host (scripts/benchmarks/step_timeline.py)")
     p.add_argument("--verbose", action="store_true", help="show the trainer's log")
     args = p.parse_args(argv)
     if args.warmup % args.log_freq or args.steps % args.log_freq:
@@ -237,6 +243,12 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args, config
             return record
 
         trainer.train_step = timed_train_step
+        timeline = None
+        if args.timeline:
+            timeline = StepTimeline(_on_gpu())
+            trainer.train_step = timeline.wrap(timed_train_step, "step", "train_step_end")
+            trainer.forward_backward = timeline.wrap(trainer.forward_backward, None, "forward_backward")
+            trainer._clip_and_step = timeline.wrap(trainer._clip_and_step, None, "clip_and_step")
         try:
             trainer.train()
         finally:
@@ -259,6 +271,9 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args, config
             "flops_per_token": trainer.flops_per_token,
             "fsdp": isinstance(trainer.model, FSDPModule),
         }
+        if timeline:
+            synchronize()
+            row["timeline"] = timeline.summary(skip=args.warmup)
     return row
 
 
@@ -311,11 +326,12 @@ def one_rank_mesh(device):
 
 
 def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, n_batches: int,
-               norm_backward_programs_per_sm: int | None = None):
+               norm_backward_programs_per_sm: int | None = None, timeline: StepTimeline | None = None):
     """The bare loop's model, optimizer step and batches (also used by scripts/benchmarks/profile_step.py).
 
     precision: "autocast" (fp32 params, bf16 autocast), "bf16" (bf16 params and optimizer), or
-    "fsdp" (FSDP2 on a one-rank mesh: bf16 compute, fp32 masters, as the trainer on one GPU)."""
+    "fsdp" (FSDP2 on a one-rank mesh: bf16 compute, fp32 masters, as the trainer on one GPU).
+    ``timeline`` gets a mark at each phase of every step."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
@@ -379,15 +395,30 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
     optimizer = torch.optim.AdamW(params, lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "autocast" and on_gpu)
     setup_s = time.perf_counter() - start
+    mark = timeline.mark if timeline else (lambda name: None)
+
+    # One-rank FSDP: clip and step on the local tensors, as the trainer does (parallelisms/single_device.py)
+    from parallelisms import single_device
+
+    local_step = precision == "fsdp" and single_device.on_one_rank(params)
 
     def step(inputs, labels):
+        mark("step")
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             loss = model(input_ids=inputs, labels=labels).loss
+        mark("forward")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
+        mark("backward")
+        if local_step:
+            single_device.clip_grad_norm_(params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        mark("clip")
+        with single_device.optimizers_on_local_tensors([optimizer]) if local_step else contextlib.nullcontext():
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark("optimizer")
         return loss.detach()
 
     return argparse.Namespace(step=step, batches=batches, device=device, model=model,
@@ -397,8 +428,9 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
 def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision: str, args,
              norm_backward_programs_per_sm: int | None = None) -> dict:
     """One bare-loop run (see bare_setup for ``precision``)."""
+    timeline = StepTimeline(_on_gpu()) if args.timeline else None
     bare = bare_setup(model_path, seq, batch, compile_on, precision, args.warmup + args.steps,
-                      norm_backward_programs_per_sm)
+                      norm_backward_programs_per_sm, timeline)
     step, batches, device = bare.step, bare.batches, bare.device
     losses = []
     gc_enabled = gc.isenabled()
@@ -427,6 +459,7 @@ def run_bare(model_path: str, seq: int, batch: int, compile_on: bool, precision:
             gc.enable()
     return {
         **window_stats(windows),
+        **({"timeline": timeline.summary(skip=max(args.warmup, 1))} if timeline else {}),
         "peak_gib": peak_memory_gib(device),
         "first_step_s": first_step_s,
         "setup_s": bare.setup_s,

@@ -12,6 +12,11 @@ by its kernels, not by the host: only faster kernels make it faster.
 
 On CPU (a smoke run) the categories come from the self time of aten ops instead of kernels; fla's
 Triton kernels, interpreted on CPU, are not aten ops and do not show.
+
+``--host`` profiles the host instead: the same steps under cProfile, the Python functions with the
+most time of their own on the main thread per step (forward, clipping, optimizer; the backward is
+queued by autograd's own thread and does not show). When the GPU waits for the host
+(``bench_train.py --timeline``), this says what the host is doing.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=8, help="untimed steps (autotuning lands here)")
     p.add_argument("--steps", type=int, default=3, help="timed steps, then as many profiled steps")
-    p.add_argument("--top", type=int, default=25, help="kernels listed")
+    p.add_argument("--top", type=int, default=25, help="kernels (or with --host, functions) listed")
+    p.add_argument("--host", action="store_true", help="cProfile the host's main thread instead of the device")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--norm-bwd-programs-per-sm", type=int, default=None,
                    help="fla's norm backward launch (recipe/fla_kernels.py); default: the trainer's; 1: fla's own")
@@ -98,8 +104,10 @@ def main(argv=None) -> int:
     bench_train.synchronize()
     step_ms = 1e3 * (time.perf_counter() - t0) / len(timed)
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     profiled = batches[args.warmup + args.steps:]
+    if args.host:
+        return host_profile(bare, profiled, step_ms, args)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         for inputs, labels in profiled:
             bare.step(inputs, labels)
@@ -124,6 +132,34 @@ def main(argv=None) -> int:
     print(f"\n| kernel (top {args.top}) | category | ms/step | calls/step |\n|---|---|---|---|")
     for name, us in per_kernel.most_common(args.top):
         print(f"| `{name[:80]}` | {category(name)} | {us / 1e3 / n:.2f} | {calls[name] / n:g} |")
+    return 0
+
+
+def host_profile(bare, profiled, step_ms: float, args) -> int:
+    import cProfile
+    import pstats
+
+    from scripts.benchmarks import bench_train
+
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    for inputs, labels in profiled:
+        bare.step(inputs, labels)
+    profiler.disable()
+    bench_train.synchronize()
+    n = len(profiled)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    total_s = sum(v[2] for v in stats.values())
+    print(f"{args.model}, seq {args.seq_len} x batch {args.batch}, bare-fsdp, eager: host main thread under cProfile")
+    print(f"unprofiled step: {step_ms:.1f} ms; profiled: {1e3 * (time.perf_counter() - t0) / n:.1f} ms per step, "
+          f"{1e3 * total_s / n:.1f} ms of it in profiled functions, "
+          f"{sum(v[0] for v in stats.values()) / n:,.0f} calls per step\n")
+    print(f"| function (top {args.top} by own time) | own ms/step | cumulative ms/step | calls/step |\n|---|---|---|---|")
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.top]
+    for (file, line, name), (calls, _, own, cum, _) in ranked:
+        where = f"{os.path.basename(file)}:{line} {name}" if line else name
+        print(f"| `{where[:90]}` | {1e3 * own / n:.2f} | {1e3 * cum / n:.2f} | {calls / n:g} |")
     return 0
 
 

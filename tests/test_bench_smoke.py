@@ -295,3 +295,24 @@ def test_profile_step_cpu_smoke():
     assert "matmul" in shares and float(shares["matmul"]) > 0, proc.stdout
     assert abs(sum(map(float, shares.values())) - 100) < 0.5, shares
     assert "unprofiled step:" in proc.stdout
+
+
+def test_profile_step_host_cpu_smoke():
+    """profile_step.py --host: the main thread's functions by own time, the model's forward among them."""
+    cmd = [sys.executable, "scripts/benchmarks/profile_step.py", "--model", "configs/tiny/llama.json", "--device", "cpu",
+           "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "2", "--host", "--top", "200"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| function (top 200 by own time) | own ms/step | cumulative ms/step | calls/step |" in proc.stdout
+    assert "modeling_llama.py" in proc.stdout and "clip_grad_norm_" in proc.stdout  # forward and the local clip
+
+
+def test_bench_fsdp_host_runs_every_layout():
+    cmd = [sys.executable, "scripts/benchmarks/bench_fsdp_host.py", "--blocks", "2", "--tensors-per-block", "2",
+           "--warmup", "1", "--steps", "2", "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MASTER_PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ")[0].strip("| ") for line in proc.stdout.splitlines() if line.startswith("| ") and " | 6 | " in line]
+    assert rows == ["plain", "fsdp per block", "fsdp one unit", "fsdp one unit, local clip + step"], proc.stdout

@@ -8,7 +8,9 @@ optimizer), which leaves a GPU idle when the host cannot keep ahead of the kerne
 that host work alone: a stand-in with a model's tensor count (default GLA-340M: 24 blocks x 12
 tensors + embeddings and head = 290) and tiny shapes, so compute is negligible, on the CPU (gloo).
 Rows: plain tensors, FSDP with one unit per block resharded after forward (the multi-rank layout),
-and one unit kept unsharded (the layout ``parallelisms/data_parallel.py`` uses on one rank).
+one unit kept unsharded (the layout ``parallelisms/data_parallel.py`` uses on one rank), and that
+unit with clipping and the optimizer step on the local tensors (``parallelisms/single_device.py``,
+what the trainer does on one rank).
 Prints the median milliseconds of forward+backward, gradient clipping and fused AdamW as a
 markdown table: the median over ``--repeats`` interleaved repeats of each row's per-repeat median,
 with the range of the totals (a small shared host is noisy).
@@ -17,6 +19,7 @@ with the range of the totals (a small shared host is noisy).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -37,6 +40,8 @@ def wrap(model: nn.Sequential, layout: str, mesh) -> None:
 
     if layout == "plain":
         return
+    if layout == "fsdp one unit, local clip + step":
+        layout = "fsdp one unit"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if layout == "fsdp per block":
         for block in list(model)[1:-1]:
@@ -49,17 +54,24 @@ def wrap(model: nn.Sequential, layout: str, mesh) -> None:
 def measure(layout: str, args, mesh) -> dict:
     model = stand_in(args.blocks, args.tensors_per_block)
     wrap(model, layout, mesh)
+    from parallelisms import single_device
+
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    local = layout.endswith("local clip + step")
     x = torch.randint(0, 16, (2, 4))
     times: dict[str, list[float]] = {"forward+backward": [], "clip": [], "optimizer": []}
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         model(x).float().sum().backward()
         t1 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        if local:
+            single_device.clip_grad_norm_(params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         t2 = time.perf_counter()
-        optimizer.step()
+        with single_device.optimizers_on_local_tensors([optimizer]) if local else contextlib.nullcontext():
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         if i >= args.warmup:
@@ -84,7 +96,7 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (1,))
-    layouts = ("plain", "fsdp per block", "fsdp one unit")
+    layouts = ("plain", "fsdp per block", "fsdp one unit", "fsdp one unit, local clip + step")
     runs = {layout: [] for layout in layouts}
     for _ in range(args.repeats):
         for layout in layouts:

@@ -3,8 +3,8 @@
 On one rank (``parallelism.single_device_fsdp``) FSDP2 keeps every parameter, gradient and
 optimizer state as a DTensor whose local tensor is the whole tensor. DTensor dispatch of the
 list ops in clipping and in the fused optimizer is host work per tensor: on an H200 host,
-GLA-340M's 290 tensors took 23-25 ms of host time per step for clip + step, against 11 ms for
-the same with plain tensors (``scripts/benchmarks/bench_train.py --timeline``), time in which a
+GLA-340M's 290 tensors took 23-25 ms of host time per step for clip + step (8-12 ms on the local
+tensors; ``scripts/benchmarks/bench_train.py --timeline``, docs/benchmarks.md), time in which a
 fast GPU runs dry between one step's optimizer and the next step's forward. On one rank the local
 tensors are the full tensors, so the same kernels on them compute the same values; the optimizer
 keeps its DTensor parameters and state (checkpoints are unchanged), it only steps on their local

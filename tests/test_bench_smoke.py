@@ -84,7 +84,7 @@ def test_bench_train_cpu_smoke(runs):
         timeline = row["timeline"]
         assert len(timeline["step_host_ms"]) == 2 and all(ms > 0 for ms in timeline["step_host_ms"])
         assert timeline["step_gpu_ms"] == [None, None] and timeline["step_starved"] is None
-        phases = (["forward_backward", "clip_and_step", "train_step_end", "loop"] if row["impl"].startswith("trainer")
+        phases = (["forward", "backward", "clip_and_step", "train_step_end", "loop"] if row["impl"].startswith("trainer")
                   else ["forward", "backward", "clip", "optimizer", "loop"])
         assert list(timeline["phases"]) == phases
     trainer = next(r for r in rows if r["impl"] == "trainer")

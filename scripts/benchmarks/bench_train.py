@@ -247,7 +247,9 @@ def run_trainer(model: str, seq: int, batch: int, compile_on: bool, args, config
         if args.timeline:
             timeline = StepTimeline(_on_gpu())
             trainer.train_step = timeline.wrap(timed_train_step, "step", "train_step_end")
-            trainer.forward_backward = timeline.wrap(trainer.forward_backward, None, "forward_backward")
+            # the model's forward is an instance attribute now: FSDP's hooks still run around it
+            trainer.model.forward = timeline.wrap(trainer.model.forward, None, "forward")
+            trainer.forward_backward = timeline.wrap(trainer.forward_backward, None, "backward")
             trainer._clip_and_step = timeline.wrap(trainer._clip_and_step, None, "clip_and_step")
         try:
             trainer.train()

@@ -31,7 +31,6 @@ from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 
 from parallelisms import parallelize_fla, prepare_model_config, single_device, validate_parallelism
-from parallelisms.parallelize import single_device_fsdp
 from recipe import flops as flops_lib
 from recipe.autotune_cache import install_shipped_results
 from recipe.checkpoint import AtomicCheckpointManager
@@ -141,8 +140,9 @@ class Trainer(Stateful):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._unaccounted: list[tuple[int, torch.Tensor]] = []  # (step, grad norm) not yet counted
-        # Single-device FSDP: clip and step on the local tensors (parallelisms/single_device.py).
-        self.local_step = single_device_fsdp(pd, jc) and single_device.on_one_rank(model.parameters())
+        # Single-device FSDP (the only layout with every parameter on a one-rank mesh): clip and
+        # step on the local tensors (parallelisms/single_device.py).
+        self.local_step = single_device.on_one_rank(model.parameters())
         self.skip_on_device = all(
             isinstance(o, torch.optim.Adam | torch.optim.AdamW) and o.defaults.get("fused") for o in self.optimizers
         )

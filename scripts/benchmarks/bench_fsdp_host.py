@@ -40,14 +40,12 @@ def wrap(model: nn.Sequential, layout: str, mesh) -> None:
 
     if layout == "plain":
         return
-    if layout == "fsdp one unit, local clip + step":
-        layout = "fsdp one unit"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if layout == "fsdp per block":
         for block in list(model)[1:-1]:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-    else:  # "fsdp one unit"
+    else:  # "fsdp one unit", also the row that clips and steps on the local tensors
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 

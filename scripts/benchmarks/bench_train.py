@@ -20,8 +20,7 @@ For every model config x (seq_len, batch) x compile setting it measures, in one 
   flame user compares with), ``bare-bf16`` holds bf16 parameters and optimizer state,
   ``bare-fsdp`` wraps the model in FSDP2 on a one-rank mesh as one unit (bf16 compute, fp32
   masters, clip and step on the local tensors: the trainer's one-GPU default and its numerics
-  under FSDP; ``bare`` is
-  ``trainer-autocast``'s). Under torchrun every rank runs them alone,
+  under FSDP; ``bare`` is ``trainer-autocast``'s). Under torchrun every rank runs them alone,
   without communication: a per-GPU ceiling.
 * ``bare-fsdp-dp`` (on request, under torchrun): the same loop with FSDP2 over all ranks (real
   all-gathers and reduce-scatters, FSDP's defaults): the ceiling of a data-parallel job. Between

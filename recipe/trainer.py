@@ -30,7 +30,8 @@ from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 
-from parallelisms import parallelize_fla, prepare_model_config, single_device, validate_parallelism
+from parallelisms import parallelize_fla, prepare_model_config, validate_parallelism
+from parallelisms.local_shards import LocalShards
 from recipe import flops as flops_lib
 from recipe.autotune_cache import install_shipped_results
 from recipe.checkpoint import AtomicCheckpointManager
@@ -140,9 +141,9 @@ class Trainer(Stateful):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._unaccounted: list[tuple[int, torch.Tensor]] = []  # (step, grad norm) not yet counted
-        # Single-device FSDP (the only layout with every parameter on a one-rank mesh): clip and
-        # step on the local tensors (parallelisms/single_device.py).
-        self.local_step = single_device.on_one_rank(model.parameters())
+        # FSDP (one rank, several, or HSDP): clip and step on the local shards
+        # (parallelisms/local_shards.py); None: the DTensor path (tensor parallelism, DDP).
+        self.local_shards = LocalShards.of(model.parameters())
         self.skip_on_device = all(
             isinstance(o, torch.optim.Adam | torch.optim.AdamW) and o.defaults.get("fused") for o in self.optimizers
         )
@@ -432,8 +433,8 @@ class Trainer(Stateful):
         """Clip the gradients (training.max_norm), step the optimizers and the LR schedule; returns
         the gradient norm before clipping and the step's skip flag (see ``_optimizer_step``)."""
         max_norm = self.job_config.training.max_norm if self.job_config.training.max_norm > 0 else math.inf
-        if self.local_step:
-            grad_norm = single_device.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.local_shards is not None:
+            grad_norm = self.local_shards.clip_grad_norm_(self.model.parameters(), max_norm)
         else:
             grad_norm = dist_utils.clip_grad_norm_(list(self.model.parameters()), max_norm, foreach=True)
         found_inf = self._optimizer_step(grad_norm)
@@ -465,7 +466,7 @@ class Trainer(Stateful):
         return found_inf
 
     def _step_optimizers(self) -> None:
-        with single_device.optimizers_on_local_tensors(self.optimizers) if self.local_step else contextlib.nullcontext():
+        with self.local_shards.stepping(self.optimizers) if self.local_shards is not None else contextlib.nullcontext():
             self.optimizers.step()
 
     def _account_skips(self, enforce_limit: bool = True) -> None:

@@ -199,7 +199,7 @@ def test_single_device_fsdp_computes_in_bf16_with_fp32_masters(tmp_path):
 
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])
 def test_single_device_fsdp_clips_and_steps_on_local_tensors_with_the_same_result(tmp_path, implementation):
-    # Clip and optimizer step on the DTensors' local tensors (parallelisms/single_device.py): the
+    # Clip and optimizer step on the DTensors' local tensors (parallelisms/local_shards.py): the
     # same kernels on the same values, so the same norms, weights and optimizer state bit for bit,
     # and the optimizer keeps DTensor parameters and state (what checkpoints save).
     from torch.distributed.tensor import DTensor
@@ -208,11 +208,12 @@ def test_single_device_fsdp_clips_and_steps_on_local_tensors_with_the_same_resul
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
     runs = {}
-    for local_step in (True, False):
-        trainer = make_trainer(tmp_path / str(local_step), "--training.mixed_precision_param", "bfloat16",
+    for local in (True, False):
+        trainer = make_trainer(tmp_path / str(local), "--training.mixed_precision_param", "bfloat16",
                                "--optimizer.implementation", implementation, "--training.max_norm", "0.05")
-        assert trainer.local_step  # the default on one device
-        trainer.local_step = local_step
+        assert trainer.local_shards is not None and trainer.local_shards.group is None  # the one-device default
+        if not local:
+            trainer.local_shards = None  # the DTensor path
         norms = []
         for step, batch in enumerate(micro_batches(trainer, 3), start=1):
             trainer.step = step
@@ -220,8 +221,8 @@ def test_single_device_fsdp_clips_and_steps_on_local_tensors_with_the_same_resul
         (optimizer,) = trainer.optimizers
         assert all(isinstance(p, DTensor) and p.grad is not None for g in optimizer.param_groups for p in g["params"])
         assert all(isinstance(v, DTensor) for st in optimizer.state.values() for k, v in st.items() if k != "step")
-        runs[local_step] = (norms, {n: full(p) for n, p in trainer.model.named_parameters()},
-                            [full(v) for st in optimizer.state.values() for v in st.values()])
+        runs[local] = (norms, {n: full(p) for n, p in trainer.model.named_parameters()},
+                       [full(v) for st in optimizer.state.values() for v in st.values()])
         trainer.close()
     (norms, weights, state), (ref_norms, ref_weights, ref_state) = runs[True], runs[False]
     assert norms == ref_norms and min(norms) > 0.05  # clipping was active on every step
@@ -230,24 +231,25 @@ def test_single_device_fsdp_clips_and_steps_on_local_tensors_with_the_same_resul
     assert len(state) == len(ref_state) and all(torch.equal(a, b) for a, b in zip(state, ref_state))
 
 
-def test_optimizers_on_local_tensors_leave_a_first_step_alone_and_restore_on_error():
+def test_stepping_on_local_shards_leaves_a_first_step_alone_and_restores_on_error():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from parallelisms import single_device
+    from parallelisms.local_shards import LocalShards
 
     model = torch.nn.Linear(4, 4)
     fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-    assert single_device.on_one_rank(model.parameters())
+    shards = LocalShards.of(model.parameters())
+    assert shards is not None
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(2, 4)).sum().backward()
     params = optimizer.param_groups[0]["params"]
-    with single_device.optimizers_on_local_tensors([optimizer]):  # no state yet: the normal path makes it
+    with shards.stepping([optimizer]):  # no state yet: the normal path makes it
         assert optimizer.param_groups[0]["params"] is params
         optimizer.step()
     state = optimizer.state
     with pytest.raises(RuntimeError, match="boom"):
-        with single_device.optimizers_on_local_tensors([optimizer]):
+        with shards.stepping([optimizer]):
             assert optimizer.param_groups[0]["params"] is not params and optimizer.state is not state
             raise RuntimeError("boom")
     assert optimizer.param_groups[0]["params"] is params and optimizer.state is state

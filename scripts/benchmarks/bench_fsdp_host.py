@@ -9,7 +9,7 @@ that host work alone: a stand-in with a model's tensor count (default GLA-340M: 
 tensors + embeddings and head = 290) and tiny shapes, so compute is negligible, on the CPU (gloo).
 Rows: plain tensors, FSDP with one unit per block resharded after forward (the multi-rank layout),
 one unit kept unsharded (the layout ``parallelisms/data_parallel.py`` uses on one rank), and that
-unit with clipping and the optimizer step on the local tensors (``parallelisms/single_device.py``,
+unit with clipping and the optimizer step on the local tensors (``parallelisms/local_shards.py``,
 what the trainer does on one rank).
 Prints the median milliseconds of forward+backward, gradient clipping and fused AdamW as a
 markdown table: the median over ``--repeats`` interleaved repeats of each row's per-repeat median,
@@ -52,23 +52,23 @@ def wrap(model: nn.Sequential, layout: str, mesh) -> None:
 def measure(layout: str, args, mesh) -> dict:
     model = stand_in(args.blocks, args.tensors_per_block)
     wrap(model, layout, mesh)
-    from parallelisms import single_device
+    from parallelisms.local_shards import LocalShards
 
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    local = layout.endswith("local clip + step")
+    local = LocalShards.of(params) if layout.endswith("local clip + step") else None
     x = torch.randint(0, 16, (2, 4))
     times: dict[str, list[float]] = {"forward+backward": [], "clip": [], "optimizer": []}
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         model(x).float().sum().backward()
         t1 = time.perf_counter()
-        if local:
-            single_device.clip_grad_norm_(params, 1.0)
+        if local is not None:
+            local.clip_grad_norm_(params, 1.0)
         else:
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         t2 = time.perf_counter()
-        with single_device.optimizers_on_local_tensors([optimizer]) if local else contextlib.nullcontext():
+        with local.stepping([optimizer]) if local is not None else contextlib.nullcontext():
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()

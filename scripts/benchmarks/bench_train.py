@@ -398,10 +398,10 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
     setup_s = time.perf_counter() - start
     mark = timeline.mark if timeline else (lambda name: None)
 
-    # One-rank FSDP: clip and step on the local tensors, as the trainer does (parallelisms/single_device.py)
-    from parallelisms import single_device
+    # One-rank FSDP: clip and step on the local tensors, as the trainer does (parallelisms/local_shards.py)
+    from parallelisms.local_shards import LocalShards
 
-    local_step = precision == "fsdp" and single_device.on_one_rank(params)
+    local = LocalShards.of(params) if precision == "fsdp" else None
 
     def step(inputs, labels):
         mark("step")
@@ -411,12 +411,12 @@ def bare_setup(model_path: str, seq: int, batch: int, compile_on: bool, precisio
         mark("forward")
         loss.backward()
         mark("backward")
-        if local_step:
-            single_device.clip_grad_norm_(params, 1.0)
+        if local is not None:
+            local.clip_grad_norm_(params, 1.0)
         else:
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         mark("clip")
-        with single_device.optimizers_on_local_tensors([optimizer]) if local_step else contextlib.nullcontext():
+        with local.stepping([optimizer]) if local is not None else contextlib.nullcontext():
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mark("optimizer")

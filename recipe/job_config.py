@@ -124,11 +124,11 @@ class Parallelism:
     """On one device with training.mixed_precision_param below float32. true: FSDP2 over a one-rank
     mesh, the whole model one unit, whose mixed-precision policy computes with bf16 parameters cast
     once per step (fp32 master weights and gradients; clipping and the optimizer step run on the
-    local tensors, parallelisms/local_shards.py): on one H200 (2026-12-02) GLA-340M at 8 x 4096
-    trained at 151k-156k tokens/s in 34.0 GiB (1.11-1.12x the loop flame runs), though its step
-    needs as much host time as GPU time there and some runs dip 6-8% (p10) when the host falls
+    local tensors, parallelisms/local_shards.py): on one H200 (2026-12-02/03) GLA-340M at 8 x 4096
+    trained at 151k-156k tokens/s in 34.0 GiB (1.10-1.12x the loop flame runs), though its step
+    needs as much host time as GPU time there and some runs dip 5-8% (p10) when the host falls
     behind (docs/benchmarks.md, one-GPU precision layouts). false: fp32 parameters under bf16
-    autocast (flame's precision), 139k-141k tokens/s in 42.3 GiB there, steadier: more GPU work per
+    autocast (flame's precision), 139k-143k tokens/s in 42.3 GiB there, steadier: more GPU work per
     step for the same host work."""
 
 

@@ -308,11 +308,15 @@ def test_profile_step_host_cpu_smoke():
     assert "modeling_llama.py" in proc.stdout and "clip_grad_norm_" in proc.stdout  # forward and the local clip
 
 
-def test_bench_fsdp_host_runs_every_layout():
+@pytest.mark.parametrize("ranks,layouts", [
+    (1, ["plain", "fsdp per block", "fsdp one unit", "fsdp one unit, local clip + step"]),
+    (2, ["fsdp per block", "fsdp per block, local clip + step"]),
+])
+def test_bench_fsdp_host_runs_every_layout(ranks, layouts):
     cmd = [sys.executable, "scripts/benchmarks/bench_fsdp_host.py", "--blocks", "2", "--tensors-per-block", "2",
-           "--warmup", "1", "--steps", "2", "--repeats", "1"]
+           "--warmup", "1", "--steps", "2", "--repeats", "1", "--ranks", str(ranks)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [line.split(" | ")[0].strip("| ") for line in proc.stdout.splitlines() if line.startswith("| ") and " | 6 | " in line]
-    assert rows == ["plain", "fsdp per block", "fsdp one unit", "fsdp one unit, local clip + step"], proc.stdout
+    assert rows == layouts, proc.stdout

@@ -1,6 +1,7 @@
 """Host time per training step that FSDP2 on a one-rank mesh adds over plain tensors.
 
     python scripts/benchmarks/bench_fsdp_host.py [--blocks 24] [--tensors-per-block 12] [--steps 30] [--repeats 5]
+    python scripts/benchmarks/bench_fsdp_host.py --ranks 2   # FSDP over 2 processes (gloo)
 
 One-rank FSDP (``parallelism.single_device_fsdp``) computes with bf16 copies of fp32 master
 weights; its cost is host work (hooks, copy-in/out, DTensor dispatch in clipping and the
@@ -10,7 +11,9 @@ tensors + embeddings and head = 290) and tiny shapes, so compute is negligible, 
 Rows: plain tensors, FSDP with one unit per block resharded after forward (the multi-rank layout),
 one unit kept unsharded (the layout ``parallelisms/data_parallel.py`` uses on one rank), and that
 unit with clipping and the optimizer step on the local tensors (``parallelisms/local_shards.py``,
-what the trainer does on one rank).
+what the trainer does on one rank). With ``--ranks N`` the model is sharded over N processes and
+the rows are the per-block layout with clip and step through DTensor dispatch or on the local
+shards (what the trainer does under FSDP); rank 0 prints.
 Prints the median milliseconds of forward+backward, gradient clipping and fused AdamW as a
 markdown table: the median over ``--repeats`` interleaved repeats of each row's per-repeat median,
 with the range of the totals (a small shared host is noisy).
@@ -41,7 +44,7 @@ def wrap(model: nn.Sequential, layout: str, mesh) -> None:
     if layout == "plain":
         return
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if layout == "fsdp per block":
+    if layout.startswith("fsdp per block"):
         for block in list(model)[1:-1]:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
         fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -87,20 +90,38 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ranks", type=int, default=1, help="processes to shard over (gloo)")
     args = ap.parse_args()
+    from recipe.net import free_port
+
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29541")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if args.ranks == 1:
+        run(0, args)
+    else:
+        import torch.multiprocessing as mp
+
+        mp.start_processes(run, args=(args,), nprocs=args.ranks, join=True, start_method="spawn")
+
+
+def run(rank: int, args) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (1,))
-    layouts = ("plain", "fsdp per block", "fsdp one unit", "fsdp one unit, local clip + step")
+    mesh = init_device_mesh("cpu", (args.ranks,))
+    if args.ranks == 1:
+        layouts = ("plain", "fsdp per block", "fsdp one unit", "fsdp one unit, local clip + step")
+    else:
+        layouts = ("fsdp per block", "fsdp per block, local clip + step")
     runs = {layout: [] for layout in layouts}
     for _ in range(args.repeats):
         for layout in layouts:
             runs[layout].append(measure(layout, args, mesh))
-    print(f"host ms per step: median of {args.repeats} interleaved repeats of each repeat's median over "
-          f"{args.steps} steps ({os.cpu_count()} CPU cores, torch {torch.__version__})")
+    dist.destroy_process_group()
+    if rank:
+        return
+    print(f"host ms per step on rank 0 of {args.ranks}: median of {args.repeats} interleaved repeats of each "
+          f"repeat's median over {args.steps} steps ({os.cpu_count()} CPU cores, torch {torch.__version__})")
     print("| layout | tensors | forward+backward | clip | optimizer | total | total min-max |")
     print("|---|---|---|---|---|---|---|")
     for layout, rs in runs.items():
@@ -108,7 +129,6 @@ def main() -> None:
         totals = [r["total"] for r in rs]
         print(f"| {layout} | {rs[0]['tensors']} | {med['forward+backward']:.1f} | {med['clip']:.1f} | "
               f"{med['optimizer']:.1f} | {med['total']:.1f} | {min(totals):.1f}-{max(totals):.1f} |")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -191,7 +191,11 @@ class Trainer(Stateful):
         if "RANK" not in os.environ:  # `python train.py`: a process group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        world_size = dist_utils.init_distributed(jc.comm, base_folder=jc.job.dump_folder)
+        # CPU offload keeps gradients and optimizer state in host memory: the gradient norm's
+        # all-reduce then runs on CPU tensors, which needs gloo beside the accelerator's backend.
+        cpu_backend = jc.training.enable_cpu_offload and dist_utils.device_type != "cpu"
+        world_size = dist_utils.init_distributed(jc.comm, enable_cpu_backend=cpu_backend,
+                                                 base_folder=jc.job.dump_folder)
         replicate, shard = data_parallel_degrees(jc, world_size)
         pd = ParallelDims(
             dp_shard=shard, dp_replicate=replicate, cp=1, tp=jc.parallelism.tensor_parallel_degree,

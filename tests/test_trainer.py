@@ -435,3 +435,29 @@ def test_cuda_allocation_retries_are_counted_per_log_window_and_warned(tmp_path,
     trainer.close()
     assert record["alloc_retries"] == 2
     assert "step 1: 2 CUDA memory allocation retries since the last log" in caplog.text
+
+
+@pytest.mark.parametrize("device_type,offload,cpu_backend", [
+    ("cuda", True, True), ("cuda", False, False), ("cpu", True, False),
+])
+def test_cpu_offload_on_an_accelerator_adds_gloo_for_host_tensors(tmp_path, monkeypatch, device_type, offload,
+                                                                   cpu_backend):
+    # Offloaded gradients are host tensors: the gradient norm's all-reduce needs a CPU backend beside
+    # NCCL (torchtitan's own trainer asks for it the same way); on a CPU machine gloo is the backend.
+    from types import SimpleNamespace
+
+    from recipe import trainer as trainer_module
+
+    seen = {}
+
+    def init_distributed(comm, enable_cpu_backend=False, base_folder=""):
+        seen["cpu_backend"] = enable_cpu_backend
+        raise RuntimeError("stop after init_distributed")
+
+    monkeypatch.setattr(trainer_module.dist_utils, "init_distributed", init_distributed)
+    monkeypatch.setattr(trainer_module.dist_utils, "device_type", device_type)
+    extra = ["--training.enable_cpu_offload"] if offload else []
+    jc = parse_job_config(["--model.config", LLAMA, "--job.dump_folder", str(tmp_path), *extra])
+    with pytest.raises(RuntimeError, match="stop after init_distributed"):
+        Trainer._init_distributed(SimpleNamespace(job_config=jc))
+    assert seen == {"cpu_backend": cpu_backend}

@@ -1,4 +1,4 @@
-"""Host time per training step that FSDP2 on a one-rank mesh adds over plain tensors.
+"""Host time per training step of FSDP2's layouts, measured on the CPU with negligible compute.
 
     python scripts/benchmarks/bench_fsdp_host.py [--blocks 24] [--tensors-per-block 12] [--steps 30] [--repeats 5]
     python scripts/benchmarks/bench_fsdp_host.py --ranks 2   # FSDP over 2 processes (gloo)

@@ -3,6 +3,7 @@ DTensor path's norms, weights and optimizer state bit for bit, on several ranks 
 2 x 2), with uneven and empty shards; layouts whose local tensors cannot stand for the parameters
 keep the DTensor path."""
 
+import math
 import os
 
 import pytest
@@ -78,9 +79,7 @@ def _worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...]) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)], ids=["fsdp2", "hsdp2x2"])
 def test_local_shards_clip_and_step_like_dtensors_on_several_ranks(mesh_shape):
-    world = 1
-    for size in mesh_shape:
-        world *= size
+    world = math.prod(mesh_shape)
     mp.start_processes(_worker, args=(world, free_port(), mesh_shape), nprocs=world, join=True, start_method="spawn")
 
 
